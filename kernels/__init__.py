@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``sgr_ext.kernels``. Importing this package never requires a GPU."""

@@ -1,0 +1,54 @@
+"""What every per-block step engine takes and returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    lam: float
+    distance: str
+    eps: float
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    track_alignment: bool = False
+
+
+@dataclass
+class BlockResult:
+    """Outcome of one block's local step; every tensor is detached from any graph.
+
+    output: x_k, (B, *) in the block's output dtype; the next block's input.
+    output_grad: D_k = B * dl_k/dx_k with x_k's shape, or None when no later block needs it.
+    loss: 0-dim, l_k.  penalty: 0-dim, R_k (0 for the first block or when lam == 0).
+    accuracy: 0-dim fraction of argmax(head) == y, or None when the head is not a classifier.
+    cosine, norm_ratio: 0-dim mean over samples of cos(A_k, D_{k-1}) and |A_k|/|D_{k-1}|,
+        or None when A_k was not computed.
+    """
+
+    output: torch.Tensor
+    output_grad: Optional[torch.Tensor]
+    loss: torch.Tensor
+    penalty: torch.Tensor
+    accuracy: Optional[torch.Tensor] = None
+    cosine: Optional[torch.Tensor] = None
+    norm_ratio: Optional[torch.Tensor] = None
+
+
+@torch.no_grad()
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
+    if logits.dim() != 2:
+        return None
+    return (logits.argmax(dim=1) == y).float().mean()
+
+
+@torch.no_grad()
+def alignment(a: torch.Tensor, d: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean per-sample cosine similarity and norm ratio |a_i| / |d_i| of two (B, *) tensors."""
+    a2 = a.reshape(a.shape[0], -1).float()
+    d2 = d.reshape(d.shape[0], -1).float()
+    na, nd = a2.norm(dim=1), d2.norm(dim=1)
+    cos = (a2 * d2).sum(dim=1) / (na * nd + eps)
+    return cos.mean(), (na / (nd + eps)).mean()
