@@ -1,0 +1,94 @@
+"""Which kernel paths exist on this machine, and the one-time C++ build.
+
+The C++ kernels in ``csrc/*.cpp`` are compiled together, on first use, into one
+library that registers its ops under ``torch.ops.sgr_ext_cpp`` (TORCH_LIBRARY_FRAGMENT).
+A machine without a compiler gets one warning and the torch path; never a silent
+half-install.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+from importlib import resources
+
+import torch
+
+CPP_NAMESPACE = "sgr_ext_cpp"
+
+
+class BackendUnavailable(RuntimeError):
+    """A kernel path that was asked for explicitly (``impl=...``) cannot run here."""
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Triton can run on ``device``: a CUDA device, or CPU tensors under TRITON_INTERPRET=1."""
+    if not triton_installed():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpret_mode())
+
+
+def _cpp_sources() -> list[str]:
+    root = resources.files("sgr_ext.csrc")
+    return sorted(str(p) for p in root.iterdir() if p.name.endswith(".cpp"))
+
+
+@functools.lru_cache(maxsize=None)
+def cpp_ops():
+    """``torch.ops.sgr_ext_cpp`` after building ``csrc/`` once (cached on disk by torch), or None.
+
+    Set ``SGR_EXT_NO_CPP=1`` to skip the build.
+    """
+    if os.environ.get("SGR_EXT_NO_CPP", "0") == "1":
+        return None
+    sources = _cpp_sources()
+    if not sources:
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        flags = ["-O3", "-fopenmp", "-march=native" if os.environ.get("SGR_EXT_NATIVE") == "1" else "-O3"]
+        load(
+            name="sgr_ext_cpp",
+            sources=sources,
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=os.environ.get("SGR_EXT_VERBOSE_BUILD") == "1",
+        )
+    except Exception as exc:  # any build failure means: fall back, loudly, once
+        warnings.warn(
+            f"sgr_ext: the C++ kernels could not be built ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "CPU tensors use the plain torch path. Install a C++ compiler and ninja to enable them.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return getattr(torch.ops, CPP_NAMESPACE)
+
+
+def info() -> dict:
+    """What is installed and active: {"torch", "triton", "triton_interpret", "cuda", "cpp"}."""
+    triton_version = None
+    if triton_installed():
+        import triton
+
+        triton_version = triton.__version__
+    return {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "triton_interpret": interpret_mode(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpp": cpp_ops() is not None,
+    }
