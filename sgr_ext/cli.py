@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("sgr_ext.demo",)
+SUBCOMMANDS = ("sgr_ext.demo", "sgr_ext.trainer.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,17 +34,49 @@ def mlp_head(in_features: int, num_classes: int, *, hidden: int = 128) -> nn.Seq
     )
 
 
+class TokenPool(nn.Module):
+    """(B, T, D) tokens -> (B, D): the class token (index 0) or the mean over tokens."""
+
+    def __init__(self, pool: str = "mean"):
+        super().__init__()
+        if pool not in ("mean", "cls"):
+            raise ValueError(f"pool: expected one of ('mean', 'cls'), got {pool!r}")
+        self.pool = pool
+
+    def forward(self, x):
+        return x[:, 0] if self.pool == "cls" else x.mean(dim=1)
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool!r}"
+
+
+def token_head(dim: int, num_classes: int, *, pool: str = "mean", hidden: int = 128) -> nn.Sequential:
+    """Head for (B, T, D) token activations: LayerNorm, class token or mean pool, FC-hidden, FC.
+
+    Returns logits (B, num_classes).
+    """
+    return nn.Sequential(
+        nn.LayerNorm(dim),
+        TokenPool(pool),
+        nn.Linear(dim, hidden),
+        nn.GELU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
 def default_head(sample_shape: Sequence[int], num_classes: int) -> nn.Module:
     """The default head for one sample's activation shape (without the batch dimension).
 
-    (C, H, W) -> ``conv_head``; (F,) -> ``mlp_head``.
+    (C, H, W) -> ``conv_head``; (T, D) tokens -> ``token_head``; (F,) -> ``mlp_head``.
     """
     sample_shape = tuple(sample_shape)
     if len(sample_shape) == 3:
         return conv_head(sample_shape[0], num_classes)
+    if len(sample_shape) == 2:
+        return token_head(sample_shape[1], num_classes)
     if len(sample_shape) == 1:
         return mlp_head(sample_shape[0], num_classes)
     raise ValueError(
         f"head: no default head for activations of per-sample shape {sample_shape}; "
-        "expected (C, H, W) or (F,), or pass head=callable(sample_shape, num_classes)"
+        "expected (C, H, W), (T, D) or (F,), or pass head=callable(sample_shape, num_classes)"
     )

@@ -19,17 +19,27 @@ def _has_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters())
 
 
+def _is_activation(m: nn.Module) -> bool:
+    return type(m).__module__ == nn.ReLU.__module__
+
+
 def model_units(model: nn.Module) -> tuple[list[nn.Module], nn.Module]:
     """The ordered units a split may cut between, and the classifier tail.
 
     A model may define ``local_units() -> (units, classifier)``. For an ``nn.Sequential``
     the classifier is the last child with parameters plus the parameter-free children
-    around it at the end (pool, flatten, ...); every other weight layer starts a unit,
-    and normalisation or parameter-free children join the unit before them.
+    at the end and just before it that are not activations (pool, flatten, dropout);
+    every other weight layer starts a unit, and normalisation or parameter-free
+    children join the unit before them.
     """
     if hasattr(model, "local_units"):
         units, classifier = model.local_units()
         return list(units), classifier
+    from sgr_ext.adapters import torchvision_units  # torchvision ResNet / VisionTransformer
+
+    found = torchvision_units(model)
+    if found is not None:
+        return found
     if not isinstance(model, nn.Sequential):
         raise TypeError(
             f"model: expected an nn.Sequential or a module with local_units(), got {type(model).__name__}"
@@ -39,7 +49,7 @@ def model_units(model: nn.Module) -> tuple[list[nn.Module], nn.Module]:
     if not with_params:
         raise ValueError("model: expected at least one child with parameters to serve as the classifier")
     start = with_params[-1]
-    while start > 0 and not _has_params(children[start - 1]):
+    while start > 0 and not _has_params(children[start - 1]) and not _is_activation(children[start - 1]):
         start -= 1
     groups: list[list[nn.Module]] = []
     for child in children[:start]:

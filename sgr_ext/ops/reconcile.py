@@ -1,12 +1,92 @@
-"""``reconcile``: the SGR penalty (1/B) * sum_i dist(a_i, d_i) between two boundary gradients."""
+"""``reconcile``: the SGR penalty (1/B) * sum_i dist(a_i, d_i) between two boundary gradients.
+
+Paths (``impl``):
+
+- ``"triton"``: fused Triton kernels (``sgr_ext.kernels.reconcile``). CUDA tensors; CPU tensors
+  only under ``TRITON_INTERPRET=1`` (the interpreter, for tests). All four float dtypes
+  (float64 accumulates in float64).
+- ``"cpp"``: fused C++/OpenMP kernels (``csrc/reconcile.cpp``), CPU tensors, all four float dtypes.
+- ``"torch"``: the plain PyTorch oracle (``sgr_ext.reference.reconcile_torch``), any device.
+- ``None``: CUDA -> triton (torch if Triton is missing); CPU -> cpp if the C++ library is built,
+  else torch; any other device -> torch.
+
+The triton/cpp paths go through the ``sgr_ext::reconcile_fwd`` / ``reconcile_bwd`` custom ops
+(``sgr_ext.ops._reconcile_ops``): one pass over a and d forward, one pass backward, an exact
+closed-form double backward, and no graph breaks under ``torch.compile(fullgraph=True)``.
+"""
 from __future__ import annotations
 
 import torch
 
 from sgr_ext import _checks
+from sgr_ext.ops import _backends
+from sgr_ext.ops import _reconcile_ops  # noqa: F401  (registers torch.ops.sgr_ext.reconcile_*)
 from sgr_ext.reference import reconcile_torch
 
-IMPLS = ("torch",)
+IMPLS = ("torch", "cpp", "triton")
+BackendUnavailable = _backends.BackendUnavailable
+
+# dtypes each fused path runs (the torch path runs every float dtype)
+SUPPORTED_DTYPES = {
+    "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    "cpp": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+}
+
+
+# Availability is a property of the process, not of the traced values: torch.compile
+# evaluates these once at trace time instead of tracing into the build / env lookups.
+@torch.compiler.assume_constant_result
+def _cpp_built() -> bool:
+    return _backends.cpp_ops() is not None
+
+
+@torch.compiler.assume_constant_result
+def _triton_installed() -> bool:
+    return _backends.triton_installed()
+
+
+@torch.compiler.assume_constant_result
+def _triton_interpret() -> bool:
+    return _backends.interpret_mode()
+
+
+def resolve_impl(impl: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The path that ``reconcile`` takes for tensors on ``device`` of ``dtype``.
+
+    Raises BackendUnavailable when a path asked for explicitly cannot run here.
+    """
+    if impl is None:
+        if device.type == "cuda":
+            return "triton" if _triton_installed() else "torch"
+        if device.type == "cpu":
+            return "cpp" if _cpp_built() else "torch"
+        return "torch"
+    if impl == "torch":
+        return impl
+    if impl == "triton":
+        if not _triton_installed():
+            raise BackendUnavailable("reconcile(impl='triton'): triton is not installed")
+        if device.type == "cpu" and not _triton_interpret():
+            raise BackendUnavailable(
+                "reconcile(impl='triton'): the tensors are on the CPU; Triton kernels need CUDA tensors, "
+                "or TRITON_INTERPRET=1 (set before sgr_ext's kernels are first used) to run them in the "
+                "CPU interpreter. Use impl=None or 'cpp' for CPU tensors."
+            )
+        if device.type not in ("cuda", "cpu"):
+            raise BackendUnavailable(f"reconcile(impl='triton'): no Triton backend for device {device}")
+    elif impl == "cpp":
+        if device.type != "cpu":
+            raise BackendUnavailable(
+                f"reconcile(impl='cpp'): the C++ kernels run on CPU tensors only, got device {device}"
+            )
+        if not _cpp_built():
+            raise BackendUnavailable(
+                "reconcile(impl='cpp'): the C++ library is not available (SGR_EXT_NO_CPP=1, or the build "
+                "failed: see the warning and sgr_ext.info()); use impl=None or 'torch'"
+            )
+    if dtype not in SUPPORTED_DTYPES[impl]:
+        raise BackendUnavailable(f"reconcile(impl={impl!r}) does not support dtype {dtype}")
+    return impl
 
 
 def reconcile(
@@ -27,10 +107,13 @@ def reconcile(
         distance: ``"l2"`` (squared L2, ``||a_i - d_i||^2``) or ``"cosine"``
             (``1 - <a_i, d_i> / (|a_i| |d_i| + eps)``), over each flattened sample.
         eps: >= 0, only used by ``"cosine"``.
-        impl: ``None`` (fastest available) or ``"torch"``.
+        impl: ``None`` (fastest available: CUDA -> ``"triton"``, CPU -> ``"cpp"`` if built,
+            else ``"torch"``), ``"torch"``, ``"cpp"`` or ``"triton"``. A path that cannot
+            run here raises ``BackendUnavailable``.
 
     Returns:
-        0-dim tensor, float32 for half/single inputs, float64 for float64.
+        0-dim tensor, float32 for half/single inputs, float64 for float64. Its gradient
+        w.r.t. ``a`` has ``a``'s dtype. Inputs may be non-contiguous.
     """
     _checks.tensor("a", a, floating=True, min_dim=1)
     _checks.tensor("d", d, floating=True, min_dim=1)
@@ -40,4 +123,8 @@ def reconcile(
     eps = _checks.nonneg_finite("eps", eps)
     if impl is not None:
         _checks.choice("impl", impl, IMPLS)
-    return reconcile_torch(a, d, distance, eps)
+    path = resolve_impl(impl, a.device, a.dtype)
+    if path == "torch":
+        return reconcile_torch(a, d, distance, eps)
+    loss, _ = torch.ops.sgr_ext.reconcile_fwd(a, d.detach(), distance, eps, path)
+    return loss

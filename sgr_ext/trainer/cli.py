@@ -1,0 +1,136 @@
+"""``sgr-ext train``: train a model on real data with global BP, plain local learning or SGR.
+
+Adding an option: one ``p.add_argument(...)`` below whose ``dest`` matches a new field of
+``TrainConfig`` (``sgr_ext.trainer.loop``); ``TrainConfig.from_namespace`` copies it over.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import types
+
+from sgr_ext.trainer import archs
+from sgr_ext.trainer.loop import AUGMENTS, DEFAULT_LAM, METHODS, OPTIMIZERS, SCHEDULES, TrainConfig, TrainingDiverged
+
+EXAMPLES = """examples:
+  sgr-ext train --arch resnet32 --modules 8 --method sgr --lam 0.1 --data .data/cifar10_subset.npz --out runs/r32-k8-sgr
+  sgr-ext train --method local --modules 16 --data /path/to/cifar10 --epochs 30 --amp --out runs/r32-k16-local
+  sgr-ext train --method bp --data digits --epochs 5 --out runs/bp
+  sgr-ext train --out runs/r32-k8-sgr --resume          # continue from runs/r32-k8-sgr/checkpoint.pt
+"""
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _float(lo: float = 0.0, strict: bool = False):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v) or v < lo or (strict and v == lo):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>' if strict else '>='} {lo:g}, got {text}")
+        return v
+
+    parse.__name__ = "float"
+    return parse
+
+
+def _one_line_error(self, message: str):
+    """argparse errors as one line (no usage block), exit status 2."""
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train on real data (CIFAR-10 / .npz / digits) with bp, local or sgr; logs diagnostics",
+        description="Train a model split into K gradient-isolated modules with global BP (bp), plain local "
+        "learning (local) or Successive Gradient Reconciliation (sgr, sgr-fast). Writes metrics.csv/json, "
+        "steps.csv, results.json, learning_curves.png, diagnostics.png and checkpoint.pt into --out.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.error = types.MethodType(_one_line_error, p)
+    d = TrainConfig()
+    g = p.add_argument_group("model and method")
+    g.add_argument("--arch", default=d.arch, choices=tuple(archs.ARCHS), help=f"architecture (default {d.arch})")
+    g.add_argument("--modules", "-K", type=_int_at_least(1), default=d.modules, help="number of local modules K (default %(default)s)")
+    g.add_argument("--method", default=d.method, choices=METHODS,
+                   help="bp: global backprop of the unsplit model; local: plain local learning (lambda 0); "
+                   "sgr: SGR, exact engine; sgr-fast: SGR, fast engine (default %(default)s)")
+    g.add_argument("--lam", type=_float(0.0), default=None, help=f"SGR penalty weight lambda >= 0 (default {DEFAULT_LAM} for sgr)")
+    g.add_argument("--distance", default=d.distance, choices=("l2", "cosine"), help="SGR distance (default %(default)s)")
+    g.add_argument("--lam-warmup", type=_float(0.0), default=d.lam_warmup, metavar="EPOCHS",
+                   help="ramp lambda linearly from 0 over this many epochs (default 0: off)")
+    g.add_argument("--image-size", type=_int_at_least(1), default=None,
+                   help="resize inputs to this side on the device (default: the data's, rounded up to the patch size)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=_int_at_least(1), default=d.epochs, help="(default %(default)s)")
+    g.add_argument("--batch-size", type=_int_at_least(1), default=d.batch_size, help="(default %(default)s)")
+    g.add_argument("--lr", type=_float(0.0, strict=True), default=d.lr, help="peak learning rate (default %(default)s)")
+    g.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
+                   help="sgd: momentum 0.9, Nesterov; adamw (default %(default)s)")
+    g.add_argument("--momentum", type=_float(0.0), default=d.momentum, help="(default %(default)s)")
+    g.add_argument("--weight-decay", type=_float(0.0), default=d.weight_decay, help="(default %(default)s)")
+    g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="per-step LR schedule (default %(default)s)")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels; with --resume the run continues bit-identically")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=d.data,
+                   help="'digits' (embedded 8x8 digits), an .npz with x_train/y_train/x_test/y_test, "
+                   "or a CIFAR-10 directory (torchvision layout, not downloaded) (default %(default)s)")
+    g.add_argument("--augment", default=d.augment, choices=AUGMENTS,
+                   help="auto: random crop (pad 4) + flip for RGB images >= 16 px, none for digits (default %(default)s)")
+    g.add_argument("--train-subset", type=_int_at_least(2), default=None, metavar="N", help="use the first N training images")
+    g.add_argument("--test-subset", type=_int_at_least(1), default=None, metavar="N", help="use the first N test images")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=d.out, help="run directory (default %(default)s)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT (default <out>/checkpoint.pt)")
+    g.add_argument("--stop-after", type=_int_at_least(1), default=None, metavar="EPOCHS",
+                   help="stop after this many epochs of this invocation (continue later with --resume)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    g.add_argument("--diag-every", type=_int_at_least(1), default=d.diag_every, metavar="STEPS",
+                   help="plain local learning: measure cos/norm ratio of A_k vs D_{k-1} every N steps (default %(default)s)")
+    g.add_argument("--log-every", type=_int_at_least(1), default=d.log_every, metavar="STEPS",
+                   help="record per-step stats into steps.csv every N steps (default %(default)s)")
+    g.add_argument("--eval-batch-size", type=_int_at_least(1), default=d.eval_batch_size, help=argparse.SUPPRESS)
+    g.add_argument("--no-checkpoint", dest="checkpoint", action="store_false", help="do not write checkpoints")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="do not write PNG plots")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    cfg = TrainConfig.from_namespace(args)
+    from sgr_ext.trainer.loop import train
+
+    try:
+        res = train(cfg)
+    except TrainingDiverged as exc:
+        print(f"sgr-ext train: training diverged: {exc} (try a smaller --lr or --lam)", file=sys.stderr)
+        return 1
+    status = "finished" if res["complete"] else f"stopped after epoch {res['epochs_done']} (continue with --resume)"
+    acc = res["final_test_acc"]
+    acc_txt = f"{100 * acc:.2f}%" if acc is not None else "n/a"
+    print(f"{res['name']}: {status}; test accuracy {acc_txt}; results in {cfg.out}")
+    return 0

@@ -1,0 +1,132 @@
+"""Datasets for ``sgr-ext train``: the embedded digits, ``.npz`` files, CIFAR-10 directories.
+
+Every loader returns a ``sgr_ext.data.TensorDataset``: (N, C, H, W) float32 images
+standardised per channel with the training statistics, int64 labels. The whole set
+lives in memory (move it to the GPU once with ``.to(device)``); augmentation then runs
+on device tensors (``sgr_ext.trainer.augment``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sgr_ext.data import TensorDataset, load_digits, normalise
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _to_nchw(name: str, x: np.ndarray) -> np.ndarray:
+    """(N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3} -> (N, C, H, W)."""
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim != 4:
+        raise ValueError(f"{name}: expected images of shape (N, H, W, C), (N, C, H, W) or (N, H, W), got {x.shape}")
+    if x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):
+        return x
+    if x.shape[-1] in (1, 3):
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    raise ValueError(f"{name}: cannot tell the channel axis of shape {x.shape}; expected 1 or 3 channels")
+
+
+def _labels(name: str, y: np.ndarray, n: int) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n:
+        raise ValueError(f"{name}: expected {n} labels of shape ({n},), got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{name}: expected integer class labels, got dtype {y.dtype}")
+    if n and y.min() < 0:
+        raise ValueError(f"{name}: expected labels >= 0, got minimum {y.min()}")
+    return y.astype(np.int64)
+
+
+def from_arrays(name: str, x_train, y_train, x_test, y_test, num_classes: int | None = None) -> TensorDataset:
+    """Build a normalised ``TensorDataset`` from image/label arrays (uint8 or float, HWC or CHW)."""
+    x_train = _to_nchw("x_train", np.asarray(x_train))
+    x_test = _to_nchw("x_test", np.asarray(x_test))
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(f"x_test: expected images of shape {x_train.shape[1:]} like x_train, got {x_test.shape[1:]}")
+    if len(x_train) < 2:
+        raise ValueError(f"x_train: expected at least 2 training images, got {len(x_train)}")
+    y_train = _labels("y_train", y_train, len(x_train))
+    y_test = _labels("y_test", y_test, len(x_test))
+    classes = int(max(y_train.max(), y_test.max() if len(y_test) else 0)) + 1
+    if num_classes is not None:
+        if classes > num_classes:
+            raise ValueError(f"labels: expected classes in [0, {num_classes}), got a label {classes - 1}")
+        classes = num_classes
+    xt, xs = normalise(x_train.astype(np.float32), x_test.astype(np.float32))
+    return TensorDataset(name, xt, torch.as_tensor(y_train), xs, torch.as_tensor(y_test), classes)
+
+
+def load_npz(path) -> TensorDataset:
+    """An ``.npz`` with x_train, y_train, x_test, y_test (e.g. ``cifar10_subset.npz``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data: no such file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in NPZ_KEYS if k not in z.files]
+            if missing:
+                raise ValueError(f"--data {path}: missing arrays {missing}; expected {list(NPZ_KEYS)}, found {z.files}")
+            arrays = [z[k] for k in NPZ_KEYS]
+    except ValueError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError ...
+        raise ValueError(f"--data {path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    return from_arrays(path.stem, *arrays)
+
+
+def load_cifar10_dir(root) -> TensorDataset:
+    """CIFAR-10 python batches via ``torchvision.datasets.CIFAR10(root, download=False)``.
+
+    ``root`` is the directory holding ``cifar-10-batches-py`` (or that folder itself).
+    """
+    root = Path(root)
+    if root.name == "cifar-10-batches-py":
+        root = root.parent
+    from torchvision.datasets import CIFAR10
+
+    try:
+        train = CIFAR10(str(root), train=True, download=False)
+        test = CIFAR10(str(root), train=False, download=False)
+    except RuntimeError as exc:
+        raise FileNotFoundError(
+            f"--data {root}: no valid CIFAR-10 python batches (cifar-10-batches-py/) found ({exc})"
+        ) from None
+    return from_arrays("cifar10", train.data, np.asarray(train.targets), test.data, np.asarray(test.targets), 10)
+
+
+def load_dataset(spec: str = "digits") -> TensorDataset:
+    """``"digits"`` (embedded), a path to an ``.npz``, or a CIFAR-10 directory."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"--data: expected 'digits', an .npz path or a CIFAR-10 directory, got {spec!r}")
+    if spec == "digits":
+        return load_digits()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return load_cifar10_dir(path)
+    if path.suffix == ".npz" or path.is_file():
+        return load_npz(path)
+    raise FileNotFoundError(f"--data: no such file or directory: {spec}")
+
+
+def subset(data: TensorDataset, train: int | None = None, test: int | None = None) -> TensorDataset:
+    """The first ``train`` training and ``test`` test examples (None keeps all)."""
+    def cut(n, limit):
+        return n if limit is None else min(n, limit)
+
+    nt, ns = cut(len(data.x_train), train), cut(len(data.x_test), test)
+    return TensorDataset(data.name, data.x_train[:nt], data.y_train[:nt], data.x_test[:ns], data.y_test[:ns], data.num_classes)
+
+
+def match_channels(data: TensorDataset, channels: int) -> TensorDataset:
+    """Repeat a single-channel set to ``channels`` (e.g. gray digits for an RGB model)."""
+    have = data.x_train.shape[1]
+    if have == channels:
+        return data
+    if have != 1:
+        raise ValueError(f"--arch: the model expects {channels}-channel images, the data has {have} channels")
+    rep = lambda x: x.expand(-1, channels, -1, -1).contiguous()  # noqa: E731
+    return TensorDataset(data.name, rep(data.x_train), data.y_train, rep(data.x_test), data.y_test, data.num_classes)

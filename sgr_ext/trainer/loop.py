@@ -1,0 +1,607 @@
+"""The real-data training loop behind ``sgr-ext train``: global BP, plain local learning, SGR.
+
+``train(TrainConfig(...))`` runs one configuration end to end and returns the results
+dict also written to ``<out>/results.json``. With ``dataset=`` a preloaded (device)
+``TensorDataset`` is reused, which the study runner does to train many configurations
+in one process.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sgr_ext import _checks
+from sgr_ext.data import TensorDataset
+from sgr_ext.net import LocalNet, NonFiniteError
+from sgr_ext.split import split
+from sgr_ext.trainer import archs, checkpoint, metrics
+from sgr_ext.trainer.augment import random_crop_flip
+from sgr_ext.trainer.data import load_dataset, match_channels, subset
+
+METHODS = ("bp", "local", "sgr", "sgr-fast")
+SCHEDULES = ("onecycle", "cosine", "constant")
+OPTIMIZERS = ("sgd", "adamw")
+AUGMENTS = ("auto", "crop-flip", "flip", "none")
+DEFAULT_LAM = 0.1
+CHECKPOINT_NAME = "checkpoint.pt"
+
+# Settings that must match for --resume to continue the same run.
+_RESUME_KEYS = (
+    "arch", "modules", "method", "distance", "lam_warmup", "epochs", "batch_size", "lr",
+    "optimizer", "momentum", "weight_decay", "schedule", "amp", "seed", "augment", "image_size",
+    "train_subset", "test_subset", "diag_every", "log_every",
+)
+
+
+class TrainingDiverged(FloatingPointError):
+    """A loss or penalty became NaN/Inf during training."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (the CLI flags of ``sgr-ext train``).
+
+    To add an option: add a field here (with a default) and an ``add_argument`` with the
+    same dest in ``sgr_ext.trainer.cli``; ``TrainConfig.from_namespace`` picks it up. Options
+    that only change how a LocalNet is built go to ``localnet_kwargs``.
+    """
+
+    arch: str = "resnet32"
+    modules: int = 4
+    method: str = "sgr"
+    lam: Optional[float] = None  # None: DEFAULT_LAM for sgr methods, 0 for local
+    distance: str = "l2"
+    lam_warmup: float = 0.0  # epochs of linear lambda warm-up from 0
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    amp: bool = False
+    seed: int = 0
+    data: str = "digits"
+    out: Optional[str] = "runs/train"
+    resume: Optional[str] = None  # None, "auto" (= <out>/checkpoint.pt) or a checkpoint path
+    device: Optional[str] = None
+    deterministic: bool = False
+    augment: str = "auto"
+    image_size: Optional[int] = None
+    train_subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    diag_every: int = 1  # plain local learning: measure cos/ratio of A_k vs D_{k-1} every N steps
+    log_every: int = 10  # sample per-step stats into steps.csv every N steps
+    eval_batch_size: int = 1000
+    checkpoint: bool = True
+    stop_after: Optional[int] = None  # stop after this many epochs of this invocation (resume later)
+    plots: bool = True
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # free-form tags copied into results.json
+
+    @classmethod
+    def from_namespace(cls, ns) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "TrainConfig":
+        _checks.choice("--arch", self.arch, tuple(archs.ARCHS))
+        _checks.choice("--method", self.method, METHODS)
+        _checks.choice("--schedule", self.schedule, SCHEDULES)
+        _checks.choice("--optimizer", self.optimizer, OPTIMIZERS)
+        _checks.choice("--augment", self.augment, AUGMENTS)
+        _checks.distance(self.distance)
+        _checks.positive_int("--modules", self.modules)
+        _checks.positive_int("--epochs", self.epochs)
+        _checks.positive_int("--batch-size", self.batch_size)
+        _checks.positive_int("--diag-every", self.diag_every)
+        _checks.positive_int("--log-every", self.log_every)
+        _checks.positive_int("--eval-batch-size", self.eval_batch_size)
+        for name in ("image_size", "train_subset", "test_subset", "stop_after"):
+            v = getattr(self, name)
+            if v is not None:
+                _checks.positive_int("--" + name.replace("_", "-"), v)
+        if self.lam is not None:
+            _checks.nonneg_finite("--lam", self.lam)
+            if self.method in ("bp", "local") and self.lam != 0:
+                raise ValueError(f"--lam: only applies to --method sgr/sgr-fast, got --lam {self.lam} with --method {self.method}")
+        for name in ("lr", "momentum", "weight_decay", "lam_warmup"):
+            _checks.nonneg_finite("--" + name.replace("_", "-"), getattr(self, name))
+        if self.lr <= 0:
+            raise ValueError(f"--lr: expected a number > 0, got {self.lr}")
+        if self.method == "sgr-fast":
+            from sgr_ext.engine import ENGINES
+
+            if "fast" not in ENGINES:
+                raise ValueError(
+                    f"--method sgr-fast: this install has no fast engine (LocalNet modes: {tuple(ENGINES)})"
+                )
+        if self.resume is not None and self.out is None and self.resume == "auto":
+            raise ValueError("--resume: needs --out (the run directory) or a checkpoint path")
+        return self
+
+    @property
+    def lam_value(self) -> float:
+        if self.method in ("bp", "local"):
+            return 0.0
+        return DEFAULT_LAM if self.lam is None else float(self.lam)
+
+    @property
+    def engine_mode(self) -> str:
+        return "fast" if self.method == "sgr-fast" else "exact"
+
+    def localnet_kwargs(self) -> dict:
+        return {
+            "lam": self.lam_value,
+            "distance": self.distance,
+            "mode": self.engine_mode,
+            "track_alignment": self.method == "local",
+        }
+
+    def run_name(self) -> str:
+        if self.method == "bp":
+            return f"{self.arch}-bp-s{self.seed}"
+        tag = self.method if self.method == "local" else f"{self.method}-{self.distance}-lam{self.lam_value:g}"
+        if self.lam_warmup and self.method != "local":
+            tag += f"-warm{self.lam_warmup:g}"
+        return f"{self.arch}-K{self.modules}-{tag}-s{self.seed}"
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: expected e.g. 'cpu', 'cuda' or 'cuda:1', got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda was requested but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device: {name} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    return device
+
+
+def derived_seed(seed: int, *tags) -> int:
+    """A 63-bit seed for (seed, tags...), independent across tags (data order, augmentation)."""
+    digest = hashlib.sha256(":".join(str(t) for t in (seed, *tags)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def deterministic_mode(on: bool):
+    """Deterministic kernels (and cuBLAS workspace config) for the duration of a run."""
+    if not on:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    prev = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    # warn_only: a few CUDA backward kernels (e.g. adaptive average pooling) have no
+    # deterministic implementation; they warn instead of failing. On CPU every op used is
+    # deterministic and a resumed run is bit-identical.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2], prev[3]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def _mean(values) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _per_block_mean(rows: list[list[Optional[float]]]) -> list[Optional[float]]:
+    if not rows:
+        return []
+    return [_mean(r[k] for r in rows) for k in range(len(rows[0]))]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, net: Optional[LocalNet], x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+             prepare, autocast) -> tuple[float, list[float]]:
+    """Test accuracy of the model and of every block's head (empty list for global BP)."""
+    trained = net if net is not None else model
+    was_training = trained.training
+    trained.eval()
+    n = len(x)
+    correct = torch.zeros((len(net.blocks) if net is not None else 1,), dtype=torch.long, device=x.device)
+    try:
+        for i in range(0, n, batch_size):
+            xb, yb = prepare(x[i : i + batch_size]), y[i : i + batch_size]
+            with autocast():
+                if net is None:
+                    correct[0] += (model(xb).argmax(1) == yb).sum()
+                else:
+                    h = xb
+                    for k, block in enumerate(net.blocks):
+                        h = block(h)
+                        correct[k] += (block.head(h).argmax(1) == yb).sum()
+    finally:
+        trained.train(was_training)
+    accs = (correct.double() / max(1, n)).tolist()
+    return accs[-1], (accs if net is not None else [])
+
+
+def _make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    params = list(params)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                           weight_decay=cfg.weight_decay)
+
+
+def _make_scheduler(cfg: TrainConfig, opt, total_steps: int):
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
+                                                   cycle_momentum=cfg.optimizer == "sgd" and cfg.momentum > 0)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
+def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each batch; a trailing batch of one sample joins the previous one
+    (BatchNorm cannot train on a batch of one)."""
+    bounds = [(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2] = (bounds[-2][0], n)
+        bounds.pop()
+    return bounds
+
+
+def _resume_path(cfg: TrainConfig) -> Optional[Path]:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        path = Path(cfg.out) / CHECKPOINT_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path} (start without --resume)")
+        return path
+    path = Path(cfg.resume)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no such checkpoint: {path}")
+    return path
+
+
+def _check_resume_compatible(cfg: TrainConfig, saved: dict, path: Path, data_fp: dict) -> None:
+    old = saved.get("config", {})
+    diffs = [f"{k}: checkpoint {old.get(k)!r} vs now {getattr(cfg, k)!r}" for k in _RESUME_KEYS
+             if k in old and old.get(k) != getattr(cfg, k)]
+    if "lam_value" in saved and saved["lam_value"] != cfg.lam_value:
+        diffs.append(f"lam: checkpoint {saved['lam_value']!r} vs now {cfg.lam_value!r}")
+    if saved.get("dataset") and saved["dataset"] != data_fp:
+        diffs.append(f"dataset: checkpoint {saved['dataset']} vs now {data_fp}")
+    if diffs:
+        raise ValueError(f"--resume {path}: the checkpoint is from a different configuration ({'; '.join(diffs)})")
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def train(cfg: TrainConfig, dataset: Optional[TensorDataset] = None) -> dict:
+    """Train one configuration; returns the results dict (also ``<out>/results.json``).
+
+    Raises ValueError/TypeError/FileNotFoundError for bad settings or inputs (before any
+    training), ``checkpoint.CheckpointError`` for a damaged checkpoint, ``TrainingDiverged``
+    when a loss becomes NaN/Inf.
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    resume_path = _resume_path(cfg)
+    saved = checkpoint.load(resume_path) if resume_path is not None else None
+    with deterministic_mode(cfg.deterministic):
+        return _Run(cfg, device, dataset, saved, resume_path).run()
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, device: torch.device, dataset: Optional[TensorDataset], saved, resume_path):
+        self.cfg = cfg
+        self.device = device
+        self.out = Path(cfg.out) if cfg.out else None
+        self.saved = saved
+        self.resume_path = resume_path
+        self.use_amp = bool(cfg.amp) and device.type == "cuda"
+        if cfg.amp and device.type != "cuda":
+            warnings.warn("--amp: bf16 autocast is only used on CUDA; training in float32 on CPU", stacklevel=3)
+
+        # ---- data
+        data = dataset if dataset is not None else load_dataset(cfg.data)
+        data = subset(data, cfg.train_subset, cfg.test_subset)
+        spec = archs.ARCHS[cfg.arch]
+        data = match_channels(data, spec.channels)
+        self.data = data.to(device) if data.x_train.device != device else data
+        if len(self.data.x_train) < 2:
+            raise ValueError(f"--train-subset: expected at least 2 training images, got {len(self.data.x_train)}")
+        h, w = self.data.x_train.shape[-2:]
+        self.image_size = archs.image_size_for(cfg.arch, max(h, w), cfg.image_size)
+        self.resize = (h, w) != (self.image_size, self.image_size)
+        aug = cfg.augment
+        if aug == "auto":  # crop+flip for natural images (CIFAR); none for 8x8 digits, where flips change the class
+            aug = "crop-flip" if min(h, w) >= 16 and self.data.x_train.shape[1] == 3 else "none"
+        self.augment = aug
+        self.data_fp = {"name": self.data.name, "train": len(self.data.x_train), "test": len(self.data.x_test),
+                        "shape": list(self.data.x_train.shape[1:]), "classes": self.data.num_classes}
+
+        # ---- model
+        seed_everything(cfg.seed)
+        double_backward = cfg.method in ("sgr", "sgr-fast")
+        self.model = archs.build(cfg.arch, self.data.num_classes, self.image_size, double_backward=double_backward)
+        self.model.to(device)
+        self.net: Optional[LocalNet] = None
+        if cfg.method != "bp":
+            example = torch.zeros(2, self.data.x_train.shape[1], self.image_size, self.image_size, device=device)
+            blocks = split(self.model, cfg.modules, example_input=example)
+            self.net = LocalNet(blocks, **cfg.localnet_kwargs())
+            self.net.to(device)
+        self.trained: nn.Module = self.net if self.net is not None else self.model
+        self.trained.train()
+        self.batches = _batches(len(self.data.x_train), cfg.batch_size)
+        self.total_steps = cfg.epochs * len(self.batches)
+        self.opt = _make_optimizer(cfg, self.trained.parameters())
+        self.sched = _make_scheduler(cfg, self.opt, self.total_steps)
+        self.history: list[dict] = []
+        self.steps: list[dict] = []
+        self.start_epoch = 0
+        self.wall_before = 0.0
+        if saved is not None:
+            self._restore(saved)
+
+    # ------------------------------------------------------------------ pieces
+    def autocast(self):
+        if self.use_amp:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return x
+
+    def _restore(self, saved: dict) -> None:
+        _check_resume_compatible(self.cfg, saved, self.resume_path, self.data_fp)
+        try:
+            self.trained.load_state_dict(saved["model"])
+            self.opt.load_state_dict(saved["optimizer"])
+            self.sched.load_state_dict(saved["scheduler"])
+        except (KeyError, RuntimeError) as exc:
+            first = str(exc).splitlines()[0]
+            raise checkpoint.CheckpointError(f"checkpoint {self.resume_path}: does not fit this model ({first})") from None
+        self.history = list(saved.get("history", []))
+        self.steps = list(saved.get("steps", []))
+        self.start_epoch = int(saved["epoch"])
+        self.wall_before = float(saved.get("wall_time_s", 0.0))
+        checkpoint.set_rng_state(saved["rng"])
+
+    def _lam_at(self, step: int) -> float:
+        lam = self.cfg.lam_value
+        if self.cfg.lam_warmup > 0 and lam > 0:
+            ramp = self.cfg.lam_warmup * len(self.batches)
+            lam *= min(1.0, (step + 1) / ramp)
+        return lam
+
+    def _set_net_config(self, step: int) -> None:
+        net = self.net
+        if net is None:
+            return
+        want_track = self.cfg.method == "local" and step % self.cfg.diag_every == 0
+        lam = self._lam_at(step)
+        if net.config.lam != lam or net.config.track_alignment != want_track:
+            net.config = dataclasses.replace(net.config, lam=lam, track_alignment=want_track)
+
+    def _save_checkpoint(self, epoch: int, wall: float) -> None:
+        state = {
+            "format": 1,
+            "config": {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "extra"},
+            "dataset": self.data_fp,
+            "lam_value": self.cfg.lam_value,
+            "epoch": epoch,
+            "model": self.trained.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "history": self.history,
+            "steps": self.steps,
+            "wall_time_s": wall,
+        }
+        checkpoint.save(self.out / CHECKPOINT_NAME, state)
+
+    # ------------------------------------------------------------------ epoch
+    def _train_epoch(self, epoch: int, bar) -> dict:
+        cfg, dev = self.cfg, self.device
+        n = len(self.data.x_train)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(cfg.seed, "order", epoch)))
+        order = order.to(dev)
+        aug_gen = torch.Generator(device=dev).manual_seed(derived_seed(cfg.seed, "augment", epoch))
+        n_blocks = len(self.net.blocks) if self.net is not None else 0
+        losses, penalties, accs, cosines, ratios = [], [], [], [], []
+        bp_loss = torch.zeros((), device=dev, dtype=torch.float64)
+        bp_correct = torch.zeros((), device=dev, dtype=torch.long)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        for i, (lo, hi) in enumerate(self.batches):
+            step = epoch * len(self.batches) + i
+            idx = order[lo:hi]
+            x, y = self.data.x_train[idx], self.data.y_train[idx]
+            if self.augment == "crop-flip":
+                x = random_crop_flip(x, padding=4, flip=True, generator=aug_gen)
+            elif self.augment == "flip":
+                x = random_crop_flip(x, padding=0, flip=True, generator=aug_gen)
+            x = self.prepare(x)
+            self.opt.zero_grad(set_to_none=True)
+            if self.net is None:
+                with self.autocast():
+                    logits = self.model(x)
+                    loss = F.cross_entropy(logits, y)
+                loss.backward()
+                with torch.no_grad():
+                    bp_loss += loss.detach().double() * len(y)
+                    bp_correct += (logits.argmax(1) == y).sum()
+            else:
+                self._set_net_config(step)
+                try:
+                    with self.autocast():
+                        st = self.net.train_step(x, y)
+                except NonFiniteError as exc:
+                    raise TrainingDiverged(f"epoch {epoch + 1}, step {i + 1}: {exc}") from None
+                losses.append(st.losses)
+                penalties.append(st.penalties)
+                accs.append(st.accuracies)
+                cosines.append(st.cosines)
+                ratios.append(st.norm_ratios)
+                if step % cfg.log_every == 0:
+                    self.steps.append({
+                        "step": step, "epoch": epoch + 1, "lr": self.sched.get_last_lr()[0],
+                        "lam": self.net.config.lam, "loss": st.losses[-1], "block_train_loss": st.losses,
+                        "block_penalty": st.penalties, "cosine": st.cosines, "norm_ratio": st.norm_ratios,
+                    })
+            self.opt.step()
+            self.sched.step()
+            if bar is not None:
+                bar.update(1)
+                if self.net is not None and i % 5 == 0:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{st.losses[-1]:.3f}", refresh=False)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        train_time = time.perf_counter() - t0
+        rec: dict = {"epoch": epoch + 1, "lr": self.sched.get_last_lr()[0], "lam": self._lam_at(step)}
+        if self.net is None:
+            rec["train_loss"] = float(bp_loss) / n
+            rec["train_acc"] = float(bp_correct) / n
+            if not math.isfinite(rec["train_loss"]):
+                raise TrainingDiverged(f"epoch {epoch + 1}: non-finite training loss under global BP")
+            rec.update(block_train_loss=[], block_penalty=[], block_train_acc=[], cosine=[], norm_ratio=[])
+        else:
+            block_loss = _per_block_mean(losses)
+            block_acc = _per_block_mean(accs)
+            rec["train_loss"] = block_loss[-1]
+            rec["train_acc"] = block_acc[-1]
+            rec["block_train_loss"] = block_loss
+            rec["block_penalty"] = _per_block_mean(penalties)
+            rec["block_train_acc"] = block_acc
+            rec["cosine"] = _per_block_mean(cosines) if cosines else [None] * n_blocks
+            rec["norm_ratio"] = _per_block_mean(ratios) if ratios else [None] * n_blocks
+        rec["step_time_ms"] = 1000.0 * train_time / len(self.batches)
+        rec["train_time_s"] = train_time
+        rec["samples_per_s"] = n / train_time if train_time > 0 else None
+        rec["peak_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+        return rec
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.saved is None and cfg.checkpoint and (self.out / CHECKPOINT_NAME).exists():
+                print(f"sgr-ext train: note: {self.out / CHECKPOINT_NAME} from an earlier run will be overwritten "
+                      "(pass --resume to continue it)", file=sys.stderr)
+        bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.start_epoch * len(self.batches), unit="step",
+                       desc=self.cfg.run_name(), dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+        wall = self.wall_before
+        stopped_early = False
+        try:
+            done_now = 0
+            for epoch in range(self.start_epoch, cfg.epochs):
+                t0 = time.perf_counter()
+                rec = self._train_epoch(epoch, bar)
+                acc, block_acc = evaluate(self.model, self.net, self.data.x_test, self.data.y_test,
+                                          batch_size=cfg.eval_batch_size, prepare=self.prepare, autocast=self.autocast)
+                rec["test_acc"] = acc
+                rec["block_test_acc"] = block_acc
+                self.history.append(rec)
+                wall += time.perf_counter() - t0
+                if bar is not None:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{rec['train_loss']:.3f}", test_acc=f"{acc:.4f}")
+                if self.out is not None:
+                    metrics.write_run_files(self.out, self.history, self.steps)
+                    if cfg.checkpoint:
+                        self._save_checkpoint(epoch + 1, wall)
+                done_now += 1
+                if cfg.stop_after is not None and done_now >= cfg.stop_after and epoch + 1 < cfg.epochs:
+                    stopped_early = True
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        results = self.results(wall, complete=not stopped_early)
+        if self.out is not None:
+            metrics.write_json(self.out / "results.json", results)
+            if cfg.plots:
+                title = self.cfg.run_name()
+                metrics.plot_learning_curves(self.history, self.out / "learning_curves.png", title)
+                metrics.plot_diagnostics(self.history, self.steps, self.out / "diagnostics.png", title)
+        return results
+
+    def results(self, wall: float, complete: bool) -> dict:
+        h = self.history
+        last = h[-1] if h else {}
+        trained_params = sum(p.numel() for p in self.trained.parameters())
+        model_params = sum(p.numel() for p in self.model.parameters())
+        steps = [r["step_time_ms"] for r in h]
+        peaks = [r["peak_mem_mib"] for r in h if r.get("peak_mem_mib") is not None]
+        return {
+            "name": self.cfg.run_name(),
+            "complete": complete,
+            "epochs_done": len(h),
+            "config": dataclasses.asdict(self.cfg),
+            "lam": self.cfg.lam_value,
+            "dataset": self.data_fp,
+            "image_size": self.image_size,
+            "augment": self.augment,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "final_test_acc": last.get("test_acc"),
+            "best_test_acc": max((r["test_acc"] for r in h), default=None),
+            "final_train_loss": last.get("train_loss"),
+            "final_block_test_acc": last.get("block_test_acc", []),
+            "final_cosine": last.get("cosine", []),
+            "final_norm_ratio": last.get("norm_ratio", []),
+            "mean_cosine": _mean(last.get("cosine", [])[1:]) if last.get("cosine") else None,
+            "median_step_time_ms": float(np.median(steps)) if steps else None,
+            "peak_mem_mib": max(peaks) if peaks else None,
+            "params_model": model_params,
+            "params_trained": trained_params,
+            "blocks": len(self.net.blocks) if self.net is not None else 1,
+            "wall_time_s": wall,
+            "history": h,
+        }
