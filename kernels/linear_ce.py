@@ -4,8 +4,8 @@ The matrix products (x @ W^T, dz @ W, dz^T @ x) run as cuBLAS GEMMs on one chunk
 rows at a time (fp32 accumulation inside the GEMM); everything between them runs in
 the kernels below, one pass over the chunk, in float32 (float64 for float64 inputs):
 
-* ``ce_rows_kernel``     logits chunk -> per-row loss and log-sum-exp (online, chunked
-                          over V) and, optionally, the logits gradient
+* ``ce_rows_kernel``     logits chunk -> per-row loss (or their float64 sum) and log-sum-exp
+                          (online, chunked over V) and, optionally, the logits gradient
                           c_i * (softmax(z_i) - e_{y_i}) written in place. When a whole
                           row fits one block the row is read once and kept in registers.
 * ``ce_grad_kernel``     logits chunk + saved lse -> logits gradient in place (the
@@ -27,30 +27,25 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
 # A row of at most this many logits is held in registers and read once.
 MAX_SINGLE_BLOCK = 32768
-LOOP_BLOCK = 8192
-
-
-@triton.jit
-def _acc_type(IS_FP64: tl.constexpr):
-    if IS_FP64:
-        return tl.float64
-    return tl.float32
+# longer rows: blocks of LOOP_BLOCK with LOOP_WARPS warps, one program per SM
+LOOP_BLOCK = 16384
+LOOP_WARPS = 32
 
 
 @triton.jit
 def ce_rows_kernel(
     Z, stride_z,  # (rows, V) logits chunk, overwritten by the gradient when WRITE_GRAD
     T,  # (rows,) int64 targets
-    LOSS,  # (rows,) per-row loss (0 for ignored rows), accumulate dtype
+    LOSS,  # REDUCE: 0-dim float64, += the rows' losses; else (rows,) per-row losses (0 if ignored)
     LSE,  # (rows,) log-sum-exp, accumulate dtype
     SCALE,  # 0-dim: gradient scale c for valid rows (1/n_valid for "mean", 1 for "sum")
     n_rows, V, ignore_index,
     BLOCK_V: tl.constexpr,
     SINGLE: tl.constexpr,  # V <= BLOCK_V: one block per row, read once
     WRITE_GRAD: tl.constexpr,
+    REDUCE: tl.constexpr,
     IS_FP64: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -58,36 +53,43 @@ def ce_rows_kernel(
     acc_t: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     offs = tl.arange(0, BLOCK_V)
     for row in range(pid, n_rows, nprog):
-        zrow = Z + row.to(tl.int64) * stride_z
+        zrow = Z + tl.cast(row, tl.int64) * stride_z
         y = tl.load(T + row)
         valid = y != ignore_index
         if SINGLE:
             mask = offs < V
             z = tl.load(zrow + offs, mask=mask, other=-float("inf")).to(acc_t)
             m = tl.max(z, 0)
-            e = tl.exp(z - m)
-            s = tl.sum(e, 0)
+            s = tl.sum(tl.exp(z - m), 0)
             lse = m + tl.log(s)
             zy = tl.sum(tl.where(offs == y, z, 0.0), 0)
         else:
-            # online log-sum-exp over V, one exp per element
-            m = tl.full((), -float("inf"), acc_t)
-            s = tl.zeros((), acc_t)
-            zy = tl.zeros((), acc_t)
+            # streaming online log-sum-exp, one running (max, sum) per lane: one exp per
+            # element and no cross-warp reduction inside the loop; lanes combine at the end
+            mv = tl.full((BLOCK_V,), -1.0e30, acc_t)
+            sv = tl.zeros((BLOCK_V,), acc_t)
             for v0 in range(0, V, BLOCK_V):
                 cols = v0 + offs
                 zb = tl.load(zrow + cols, mask=cols < V, other=-float("inf")).to(acc_t)
-                m_new = tl.maximum(m, tl.max(zb, 0))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(zb - m_new), 0)
-                m = m_new
-                zy += tl.sum(tl.where(cols == y, zb, 0.0), 0)
-            lse = m + tl.log(s)
+                e = tl.exp(-tl.abs(zb - mv))
+                sv = tl.where(zb > mv, sv * e + 1.0, sv + e)
+                mv = tl.maximum(mv, zb)
+            m = tl.max(mv, 0)
+            lse = m + tl.log(tl.sum(sv * tl.exp(mv - m), 0))
+            # bounds-checked: an out-of-range target must not fault (the caller raises)
+            zy = tl.load(zrow + y, mask=valid & (y >= 0) & (y < V), other=0.0).to(acc_t)
         tl.store(LSE + row, lse)
-        tl.store(LOSS + row, tl.where(valid, lse - zy, 0.0))
+        loss = tl.where(valid, lse - zy, 0.0)
+        if REDUCE:
+            tl.atomic_add(LOSS, loss.to(tl.float64), sem="relaxed")
+        else:
+            tl.store(LOSS + row, loss)
         if WRITE_GRAD:
             c = tl.where(valid, tl.load(SCALE).to(acc_t), 0.0)
+            # the same expression as ce_grad_kernel: the precomputed and the recomputed
+            # gradients agree bit for bit
             if SINGLE:
-                g = e * (c / s)
+                g = tl.exp(z - lse) * c
                 g = tl.where(offs == y, g - c, g)
                 tl.store(zrow + offs, g.to(Z.dtype.element_ty), mask=mask)
             else:
@@ -111,7 +113,7 @@ def ce_grad_kernel(
     row = tl.program_id(0)
     vb = tl.program_id(1)
     acc_t: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
-    zrow = Z + row.to(tl.int64) * stride_z
+    zrow = Z + tl.cast(row, tl.int64) * stride_z
     y = tl.load(T + row)
     c = tl.where(y != ignore_index, tl.load(C + row).to(acc_t), 0.0)
     lse = tl.load(LSE + row).to(acc_t)
@@ -135,8 +137,8 @@ def ce_double_kernel(
 ):
     row = tl.program_id(0)
     acc_t: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
-    zrow = Z + row.to(tl.int64) * stride_z
-    grow = G + row.to(tl.int64) * stride_g
+    zrow = Z + tl.cast(row, tl.int64) * stride_z
+    grow = G + tl.cast(row, tl.int64) * stride_g
     y = tl.load(T + row)
     valid = y != ignore_index
     c = tl.where(valid, tl.load(C + row).to(acc_t), 0.0)
@@ -164,14 +166,18 @@ def ce_double_kernel(
 
 
 @triton.jit
-def scale_kernel(X, G, numel, BLOCK: tl.constexpr):
-    """X *= G[0] in place; nothing is read or written when G[0] == 1."""
-    g = tl.load(G)
+def scale_kernel(X, G, numel, BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
+    """X *= G[0] in place (grid-stride); nothing is read or written when G[0] == 1."""
+    acc_t: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    g = tl.load(G).to(acc_t)
     if g != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
-        x = tl.load(X + offs, mask=mask)
-        tl.store(X + offs, (x.to(tl.float32) * g.to(tl.float32)).to(X.dtype.element_ty), mask=mask)
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for b0 in range(start, numel, step):
+            offs = b0 + tl.arange(0, BLOCK)
+            mask = offs < numel
+            x = tl.load(X + offs, mask=mask)
+            tl.store(X + offs, (x.to(acc_t) * g).to(X.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -190,7 +196,11 @@ def _programs(device: torch.device) -> int:
 
 def ce_rows(z: torch.Tensor, target: torch.Tensor, loss: torch.Tensor, lse: torch.Tensor,
             scale: torch.Tensor | None, ignore_index: int) -> None:
-    """Per-row loss and lse of a logits chunk; gradient in place when ``scale`` is given."""
+    """Loss and lse of a logits chunk; the logits gradient in place when ``scale`` is given.
+
+    ``loss``: (rows,) per-row losses, or a 0-dim float64 tensor that the rows' losses are
+    added to (the reduced modes: no per-row buffer, no extra launch).
+    """
     rows, V = z.shape
     if rows == 0:
         return
@@ -201,13 +211,14 @@ def ce_rows(z: torch.Tensor, target: torch.Tensor, loss: torch.Tensor, lse: torc
         warps = 4 if block <= 2048 else (8 if block <= 8192 else (16 if block <= 16384 else 32))
     else:
         block = LOOP_BLOCK
-        # a persistent grid: few rows in flight, so the second read of a row hits L2
+        # persistent: one program per SM walks over rows, so few rows are in flight and
+        # the second read of a row (the gradient pass) hits L2
         grid = (min(rows, _programs(z.device)),)
-        warps = 16
+        warps = LOOP_WARPS
     ce_rows_kernel[grid](
         z, z.stride(0), target, loss, lse, scale if scale is not None else lse,
         rows, V, ignore_index,
-        BLOCK_V=block, SINGLE=single, WRITE_GRAD=scale is not None,
+        BLOCK_V=block, SINGLE=single, WRITE_GRAD=scale is not None, REDUCE=loss.dim() == 0,
         IS_FP64=lse.dtype == torch.float64, num_warps=warps,
     )
 
@@ -244,4 +255,5 @@ def scale_(t: torch.Tensor, g: torch.Tensor) -> None:
     if n == 0:
         return
     block = 4096
-    scale_kernel[(triton.cdiv(n, block),)](t, g, n, BLOCK=block, num_warps=8)
+    grid = (min(triton.cdiv(n, block), 8 * _programs(t.device)),)
+    scale_kernel[grid](t, g, n, BLOCK=block, IS_FP64=t.dtype == torch.float64, num_warps=8)

@@ -78,6 +78,23 @@ def positive_int(name: str, value, *, at_most: int | None = None, what: str = ""
     return value
 
 
+def module_input(name: str, x: torch.Tensor, param: torch.Tensor, owner: str) -> None:
+    """``x`` must be on ``param``'s device and, when both are floating point and autocast is
+    off, have its dtype (``owner`` names the module the parameter belongs to)."""
+    if x.device != param.device:
+        raise ValueError(f"{name}: expected a tensor on {param.device} (where {owner}'s parameters are), got {x.device}")
+    if (
+        x.is_floating_point()
+        and param.is_floating_point()
+        and x.dtype != param.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+    ):
+        raise TypeError(
+            f"{name}: expected dtype {param.dtype} (the dtype of {owner}'s parameters; or enable autocast), "
+            f"got {x.dtype}"
+        )
+
+
 def labels(name: str, y, batch_size: int, num_classes: int | None = None) -> torch.Tensor:
     """Integer class labels of shape (B,), each in [0, num_classes)."""
     tensor(name, y)
@@ -86,7 +103,7 @@ def labels(name: str, y, batch_size: int, num_classes: int | None = None) -> tor
     if y.dim() != 1 or y.shape[0] != batch_size:
         raise ValueError(f"{name}: expected shape ({batch_size},) to match the batch, got {tuple(y.shape)}")
     if num_classes is not None and y.numel():
-        lo, hi = int(y.min()), int(y.max())
+        lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one host sync
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{name}: expected class indices in [0, {num_classes}), got values in [{lo}, {hi}]")
     return y

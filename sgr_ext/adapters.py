@@ -15,21 +15,24 @@ layers, computes the same forward, and has ``local_units()`` and ``input_shape``
 ``torchvision_units(model)`` returns the ``(units, classifier)`` pair directly, or None
 for a model it does not know.
 
-Attention and double backward: torchvision's encoder layers call
-``scaled_dot_product_attention``, whose fused CPU/CUDA kernels have no double backward;
-the exact SGR engine needs one. With ``double_backward=True`` (the default) each
-encoder-layer unit runs attention with the math backend, which is differentiable
-twice. Pass ``double_backward=False`` for global BP or plain local learning to keep the
-fused kernels.
+Attention: torchvision's encoder layers call ``scaled_dot_product_attention``, whose
+fused CPU/CUDA kernels have neither a double backward nor forward-mode AD; the exact
+SGR engines need one of them. With ``plain_attention=True`` (the default) each
+encoder-layer unit is a ``PlainEncoderLayer``: the same block, sharing its parameters,
+with attention written as ``softmax(q k^T / sqrt(d)) v``. Pass ``plain_attention=False``
+for global BP or plain local learning to keep the fused kernels.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["adapt", "torchvision_units", "TorchvisionAdapter", "ViTEmbedding", "ViTClassifier", "MathAttention"]
+__all__ = ["adapt", "torchvision_units", "TorchvisionAdapter", "ViTEmbedding", "ViTClassifier", "PlainEncoderLayer", "plain_self_attention"]
 
 
 def _is_tv_resnet(model: nn.Module) -> bool:
@@ -88,21 +91,45 @@ class ViTClassifier(nn.Module):
         return self.heads(self.ln(x)[:, 0])
 
 
-class MathAttention(nn.Module):
-    """Runs ``layer`` with the math attention backend, so its graph is differentiable twice."""
+def plain_self_attention(mha: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """``mha(x, x, x, need_weights=False)[0]`` for batch-first self-attention, written with plain ops.
+
+    Uses the module's own parameters (in_proj, out_proj) and attention dropout.
+    """
+    b, t, d = x.shape
+    heads = mha.num_heads
+    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+    q, k, v = qkv.reshape(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    attn = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d // heads))
+    attn = F.dropout(attn.softmax(dim=-1), p=mha.dropout, training=mha.training)
+    out = (attn @ v).transpose(1, 2).reshape(b, t, d)
+    return mha.out_proj(out)
+
+
+class PlainEncoderLayer(nn.Module):
+    """A torchvision ViT ``EncoderBlock`` with attention written out (shares the block's layers).
+
+    Same function as the block; every op is differentiable twice and in forward mode, which
+    the fused ``scaled_dot_product_attention`` kernels are not.
+    """
 
     def __init__(self, layer: nn.Module):
         super().__init__()
-        self.layer = layer
+        attn = layer.self_attention
+        if not attn.batch_first or not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
+            raise TypeError("layer: expected a torchvision ViT EncoderBlock with standard batch-first self-attention")
+        self.ln_1 = layer.ln_1
+        self.self_attention = attn
+        self.dropout = layer.dropout
+        self.ln_2 = layer.ln_2
+        self.mlp = layer.mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.MATH]):
-            return self.layer(x)
+        x = x + self.dropout(plain_self_attention(self.self_attention, self.ln_1(x)))
+        return x + self.mlp(self.ln_2(x))
 
 
-def torchvision_units(model: nn.Module, *, double_backward: bool = True) -> Optional[tuple[list[nn.Module], nn.Module]]:
+def torchvision_units(model: nn.Module, *, plain_attention: bool = True) -> Optional[tuple[list[nn.Module], nn.Module]]:
     """``(units, classifier)`` of a torchvision ResNet or VisionTransformer, else None.
 
     The units share the model's layers (no copies); chaining them and the classifier
@@ -114,8 +141,8 @@ def torchvision_units(model: nn.Module, *, double_backward: bool = True) -> Opti
         return units, nn.Sequential(model.avgpool, nn.Flatten(1), model.fc)
     if _is_tv_vit(model):
         layers = list(model.encoder.layers)
-        if double_backward:
-            layers = [MathAttention(layer) for layer in layers]
+        if plain_attention:
+            layers = [PlainEncoderLayer(layer) for layer in layers]
         return [ViTEmbedding(model), *layers], ViTClassifier(model)
     return None
 
@@ -123,9 +150,9 @@ def torchvision_units(model: nn.Module, *, double_backward: bool = True) -> Opti
 class TorchvisionAdapter(nn.Module):
     """A torchvision model with ``local_units()`` and ``input_shape``; forward = the model's."""
 
-    def __init__(self, model: nn.Module, *, input_shape=None, double_backward: bool = True):
+    def __init__(self, model: nn.Module, *, input_shape=None, plain_attention: bool = True):
         super().__init__()
-        found = torchvision_units(model, double_backward=double_backward)
+        found = torchvision_units(model, plain_attention=plain_attention)
         if found is None:
             raise TypeError(
                 f"model: expected a torchvision ResNet or VisionTransformer, got {type(model).__name__}; "
@@ -133,6 +160,7 @@ class TorchvisionAdapter(nn.Module):
             )
         self.model = model
         self._units = found
+        self.train(model.training)  # a wrapper of an eval-mode model starts in eval mode too
         if input_shape is None:
             size = getattr(model, "image_size", 224)
             input_shape = (3, size, size)
@@ -146,7 +174,7 @@ class TorchvisionAdapter(nn.Module):
         return list(units), classifier
 
 
-def adapt(model: nn.Module, *, input_shape=None, double_backward: bool = True) -> TorchvisionAdapter:
+def adapt(model: nn.Module, *, input_shape=None, plain_attention: bool = True) -> TorchvisionAdapter:
     """Wrap a torchvision ResNet / VisionTransformer for ``sgr_ext.split``.
 
     Args:
@@ -154,11 +182,11 @@ def adapt(model: nn.Module, *, input_shape=None, double_backward: bool = True) -
             ``torchvision.models.vit_b_16(weights=None, image_size=32)``.
         input_shape: one sample's (C, H, W), used by ``split`` to probe activation shapes;
             default (3, image_size, image_size) for a ViT and (3, 224, 224) for a ResNet.
-        double_backward: run ViT attention with the math backend (see the module docstring).
+        plain_attention: ViT encoder layers with attention written out (see the module docstring).
 
     Example::
 
         blocks = sgr_ext.split(adapt(torchvision.models.resnet18(weights=None), input_shape=(3, 32, 32)), 4)
         net = sgr_ext.LocalNet(blocks, lam=0.1)
     """
-    return TorchvisionAdapter(model, input_shape=input_shape, double_backward=double_backward)
+    return TorchvisionAdapter(model, input_shape=input_shape, plain_attention=plain_attention)

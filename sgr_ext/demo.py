@@ -36,7 +36,10 @@ def register(subparsers) -> None:
 def resolve_device(name) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: expected e.g. 'cpu', 'cuda' or 'cuda:1', got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda was requested but no CUDA device is available")
     return device
@@ -61,15 +64,19 @@ def train_method(method: str, data: TensorDataset, args, device: torch.device, p
         net.to(device)
     trained = net if net is not None else model
     opt = torch.optim.SGD(trained.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    steps_per_epoch = -(-len(data.x_train) // args.batch_size)
+    # a trailing batch of one sample joins the one before it (BatchNorm cannot train on it)
+    starts = list(range(0, len(data.x_train), args.batch_size))
+    if len(starts) > 1 and len(data.x_train) - starts[-1] == 1:
+        starts.pop()
+    steps_per_epoch = len(starts)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(args.seed)
     curve, peak, train_time = [], PeakMemory(device), 0.0
     for epoch in range(args.epochs):
         order = torch.randperm(len(data.x_train), generator=gen).to(device)
         start = time.perf_counter()
-        for i in range(0, len(order), args.batch_size):
-            idx = order[i : i + args.batch_size]
+        for j, i in enumerate(starts):
+            idx = order[i : starts[j + 1] if j + 1 < len(starts) else len(order)]
             x, y = data.x_train[idx], data.y_train[idx]
             opt.zero_grad(set_to_none=True)
             with peak:
@@ -117,14 +124,19 @@ def format_table(results: dict, memory_metric: str) -> str:
 def run(args) -> int:
     _checks.positive_int("--epochs", args.epochs)
     _checks.positive_int("--batch-size", args.batch_size)
+    if args.batch_size < 2:
+        raise ValueError("--batch-size: expected an int >= 2 (BatchNorm cannot train on a batch of one), got 1")
     _checks.nonneg_finite("--lam", args.lam)
+    if _checks.nonneg_finite("--lr", args.lr) == 0:
+        raise ValueError(f"--lr: expected a finite number > 0, got {args.lr}")
     device = resolve_device(args.device)
     data = load_digits().to(device)
     _checks.positive_int("--modules", args.modules, at_most=4, what=" (DigitsCNN has 4 splittable stages)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    steps = args.epochs * -(-len(data.x_train) // args.batch_size)
+    n = len(data.x_train)
+    steps = args.epochs * (-(-n // args.batch_size) - (n > args.batch_size and n % args.batch_size == 1))
     results = {}
     with tqdm(total=steps * len(METHODS), desc="demo", unit="step", mininterval=1.0) as progress:
         for method in METHODS:

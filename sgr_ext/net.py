@@ -1,6 +1,7 @@
 """``LocalNet``: a chain of gradient-isolated ``LocalBlock``s trained with SGR."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -10,14 +11,21 @@ from torch import nn
 
 from sgr_ext import _checks
 from sgr_ext.blocks import LocalBlock
-from sgr_ext.engine import ENGINES, StepConfig
+from sgr_ext.engine import ENGINES, StepConfig, forward_grad
+from sgr_ext.engine.pipeline import BlockPipeline, overlap_enabled
+
+
+NONFINITE_POLICIES = ("raise", "skip", "warn")
 
 
 class NonFiniteError(FloatingPointError):
-    """A loss or penalty of block ``block`` (0-based) was NaN or infinite."""
+    """The input, a loss, penalty or parameter gradient of block ``block`` (0-based) was NaN/Inf.
+
+    ``what``: ``"input"`` (block 0 only), ``"loss"``, ``"penalty"`` or ``"gradient"``.
+    """
 
     def __init__(self, block: int, what: str):
-        super().__init__(f"block {block}: non-finite {what}; the gradients of blocks >= {block} are not usable")
+        super().__init__(f"block {block}: non-finite {what}")
         self.block = block
         self.what = what
 
@@ -30,6 +38,9 @@ class StepStats:
     batch each head classifies right (None where the head is not a classifier).
     cosines, norm_ratios: mean cos(A_k, D_{k-1}) and |A_k| / |D_{k-1}| per boundary,
     None where A_k was not computed (block 0; lam == 0 without ``track_alignment``).
+    skipped: True when the ``nonfinite="skip"`` policy dropped the whole step (no ``p.grad``
+    was changed). nonfinite_blocks: the blocks whose input, loss, penalty or gradient was
+    NaN/Inf (their ``p.grad`` were left as before the step), empty when all were finite.
     """
 
     losses: list[float] = field(default_factory=list)
@@ -37,6 +48,8 @@ class StepStats:
     accuracies: list[Optional[float]] = field(default_factory=list)
     cosines: list[Optional[float]] = field(default_factory=list)
     norm_ratios: list[Optional[float]] = field(default_factory=list)
+    skipped: bool = False
+    nonfinite_blocks: list[int] = field(default_factory=list)
 
 
 def _item(t: Optional[torch.Tensor]) -> Optional[float]:
@@ -52,10 +65,31 @@ class LocalNet(nn.Module):
         distance: ``"l2"`` or ``"cosine"`` (see ``sgr_ext.reconcile``).
         loss_fn: ``loss_fn(head_output, y) -> 0-dim`` batch MEAN loss; cross-entropy by
             default. The batch scaling of A_k and D_k assumes mean reduction.
-        mode: ``"exact"``: the exact penalty gradient.
+        mode: ``"exact"`` (default): the exact penalty gradient from one tangent-carrying
+            recompute, no double-backward graph (``sgr_ext.engine.tangent``);
+            ``"fast"``: a finite-difference approximation, plain-local memory
+            (``sgr_ext.engine.finite_diff``); ``"double_backward"``: the reference
+            definition (``create_graph=True``). All equal for ``lam == 0`` (plain local).
         eps: cosine-distance epsilon.
         track_alignment: also measure cos(A_k, D_{k-1}) and the norm ratio when
             ``lam == 0`` (costs one input-gradient per block).
+        grad: ``"backward"`` (module-local backprop, the engine ``mode`` selects) or
+            ``"forward"`` (BP-free: every gradient, D_k, A_k and the penalty's parameter
+            gradient estimated by forward gradients with activity perturbation, see
+            ``sgr_ext.engine.forward_grad``; ``mode`` is then ignored).
+        num_tangents: random tangent draws averaged per estimate (``grad="forward"`` only).
+        fg_per_sample: per-sample (True) or whole-batch (False) directional derivatives
+            in the forward-gradient estimates (``grad="forward"`` only).
+        nonfinite: what ``train_step`` does when the input, or a block's loss, penalty or
+            parameter gradient is NaN/Inf: ``"raise"`` (default) ``NonFiniteError``;
+            ``"skip"`` drop the whole step (``stats.skipped``) and warn; ``"warn"`` keep the
+            finite blocks' gradients, drop the others' (``stats.nonfinite_blocks``) and warn.
+            Under every policy no NaN/Inf is left in any ``p.grad``: the affected blocks'
+            gradients (and BatchNorm running statistics) are restored to their values
+            before the step.
+        overlap: ``"auto"`` (default), True or False: on CUDA, run consecutive blocks on two
+            streams so that block k+1's forward overlaps block k's remaining backward
+            (``sgr_ext.engine.pipeline``); same gradients; no effect on CPU.
     """
 
     def __init__(
@@ -68,6 +102,11 @@ class LocalNet(nn.Module):
         mode: str = "exact",
         eps: float = 1e-8,
         track_alignment: bool = False,
+        grad: str = "backward",
+        num_tangents: int = 1,
+        fg_per_sample: bool = True,
+        nonfinite: str = "raise",
+        overlap="auto",
     ):
         super().__init__()
         blocks = list(blocks) if not isinstance(blocks, nn.Module) else list(blocks.children())
@@ -78,6 +117,8 @@ class LocalNet(nn.Module):
                 raise TypeError(f"blocks[{i}]: expected a LocalBlock, got {type(b).__name__}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        if not isinstance(fg_per_sample, bool):
+            raise TypeError(f"fg_per_sample: expected a bool, got {type(fg_per_sample).__name__}")
         self.blocks = nn.ModuleList(blocks)
         self.mode = _checks.choice("mode", mode, ENGINES)
         self.config = StepConfig(
@@ -86,7 +127,16 @@ class LocalNet(nn.Module):
             eps=_checks.nonneg_finite("eps", eps),
             loss_fn=loss_fn if loss_fn is not None else F.cross_entropy,
             track_alignment=bool(track_alignment),
+            num_tangents=_checks.positive_int("num_tangents", num_tangents),
+            fg_per_sample=fg_per_sample,
         )
+        self.grad = _checks.choice("grad", grad, ("backward", "forward"))
+        self.nonfinite = _checks.choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        if overlap not in (True, False, "auto"):
+            raise ValueError(f"overlap: expected True, False or 'auto', got {overlap!r}")
+        self.overlap = overlap
+        if self.config.loss_fn is F.cross_entropy:
+            _check_head_classes(self.blocks)
 
     @property
     def lam(self) -> float:
@@ -101,32 +151,60 @@ class LocalNet(nn.Module):
     def _check_step_input(self, x, y) -> None:
         _checks.tensor("x", x)
         batch = _checks.batch("x", x)
+        p0 = next(self.blocks[0].module.parameters(), None)
+        if p0 is not None:
+            _checks.module_input("x", x, p0, "blocks[0]")
+        if isinstance(y, torch.Tensor) and y.device != x.device:
+            raise ValueError(f"y: expected a tensor on x's device ({x.device}), got {y.device}")
         if self.config.loss_fn is F.cross_entropy:
             _checks.labels("y", y, batch)
         elif isinstance(y, torch.Tensor) and (y.dim() == 0 or y.shape[0] != batch):
             raise ValueError(f"y: expected a batch of {batch} targets along dimension 0, got {tuple(y.shape)}")
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
+    def step_engine(self) -> Callable:
+        """The per-block step function ``train_step`` calls (also used by ``sgr_ext.distributed``)."""
+        return forward_grad.step if self.grad == "forward" else ENGINES[self.mode]
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, *, on_block_end: Optional[Callable] = None) -> StepStats:
         """One local-learning step: ADD grad of J_k = l_k + lam * R_k to every block's ``p.grad``.
 
         x: (B, *) input batch; y: (B,) int64 class labels for the default loss.
+        on_block_end: optional ``on_block_end(k, result)``, called right after block k's step
+            with its ``BlockResult`` once its gradients are in ``p.grad`` (``sgr_ext.distributed``
+            starts block k's gradient all-reduce there, overlapping block k+1's compute).
         Block k's activations are released when its step returns; only x_k and D_k
         travel forward. The optimizer step (and zero_grad) stays the caller's.
-        Raises ``NonFiniteError`` naming the first block whose loss or penalty was NaN/Inf.
+        NaN/Inf in x or in a block's loss, penalty or new parameter gradient is handled by
+        the ``nonfinite`` policy (see the class docstring): ``"raise"`` raises
+        ``NonFiniteError`` naming the first such block, after every block has run and every
+        ``p.grad`` was restored. Detection costs one host sync per step (all statistics
+        and flags are read back together).
         """
         self._check_step_input(x, y)
-        engine = ENGINES[self.mode]
+        if on_block_end is not None and not callable(on_block_end):
+            raise TypeError(f"on_block_end: expected None or a callable (k, result), got {type(on_block_end).__name__}")
+        if self.config.loss_fn is F.cross_entropy and y.dtype != torch.int64:
+            y = y.long()  # int32/int16/uint8 class indices: cross_entropy takes int64
+        engine = self.step_engine()
         needs_d = self.config.lam > 0 or self.config.track_alignment
+        guard = _StepGuard(self.blocks, x)
         results = []
         h, d = x, None
         last = len(self.blocks) - 1
+        pipe = BlockPipeline(x, overlap_enabled(self.overlap, x, len(self.blocks)))
         for k, block in enumerate(self.blocks):
             if k == 0 and self.config.loss_fn is F.cross_entropy:
                 self._check_label_range(block, h, y)
-            r = engine(block, h, y, d, self.config, need_output_grad=needs_d and k < last)
+            with pipe.block(k, h, d, y):  # CUDA: block k's stream; no-op otherwise
+                r = engine(block, h, y, d, self.config, need_output_grad=needs_d and k < last)
+                pipe.done(r)
+                guard.check_block(k, r)
+                if on_block_end is not None:
+                    on_block_end(k, r)
             h, d = r.output, r.output_grad
             results.append(r)
-        return self._collect(results)
+        pipe.finish()
+        return self._collect(results, guard)
 
     def _check_label_range(self, block: LocalBlock, x: torch.Tensor, y: torch.Tensor) -> None:
         # Labels are checked against every head's class count, read off the heads' last
@@ -135,22 +213,141 @@ class LocalNet(nn.Module):
         if counts:
             _checks.labels("y", y, x.shape[0], min(counts))
 
-    @staticmethod
-    def _collect(results) -> StepStats:
+    def _collect(self, results, guard: "_StepGuard") -> StepStats:
         stats = StepStats()
-        for k, r in enumerate(results):
-            if not bool(torch.isfinite(r.loss)):
-                raise NonFiniteError(k, "loss")
-            if not bool(torch.isfinite(r.penalty)):
-                raise NonFiniteError(k, "penalty")
-            stats.losses.append(float(r.loss))
-            stats.penalties.append(float(r.penalty))
-            stats.accuracies.append(_item(r.accuracy))
-            stats.cosines.append(_item(r.cosine))
-            stats.norm_ratios.append(_item(r.norm_ratio))
+        values, bad = guard.read(results)  # the step's one host sync
+        for k, row in enumerate(values):
+            stats.losses.append(row[0])
+            stats.penalties.append(row[1])
+            stats.accuracies.append(row[2])
+            stats.cosines.append(row[3])
+            stats.norm_ratios.append(row[4])
+        if not bad:
+            return stats
+        stats.nonfinite_blocks = sorted(bad)
+        first = stats.nonfinite_blocks[0]
+        if self.nonfinite == "warn":
+            guard.restore(stats.nonfinite_blocks)
+        else:
+            guard.restore(range(len(results)))
+        if self.nonfinite == "raise":
+            raise NonFiniteError(first, bad[first][0])
+        stats.skipped = self.nonfinite == "skip"
+        where = ", ".join(f"block {k} ({'/'.join(bad[k])})" for k in stats.nonfinite_blocks)
+        action = (
+            "the step was skipped (every p.grad left as before it)" if stats.skipped
+            else "those blocks' p.grad were left as before the step; the other blocks' gradients were kept"
+        )
+        warnings.warn(f"LocalNet.train_step: non-finite values in {where}; {action}", RuntimeWarning, stacklevel=3)
         return stats
 
 
 def _last_linear(head: nn.Module) -> Optional[nn.Linear]:
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     return linears[-1] if linears else None
+
+
+def _check_head_classes(blocks) -> None:
+    """Every head's class count (read off its last Linear, where it has one) must agree."""
+    first = None
+    for k, b in enumerate(blocks):
+        m = _last_linear(b.head)
+        if m is None:
+            continue
+        if first is None:
+            first = (k, m.out_features)
+        elif m.out_features != first[1]:
+            raise ValueError(
+                f"blocks[{k}].head: predicts {m.out_features} classes, but blocks[{first[0]}].head predicts "
+                f"{first[1]}; with the cross-entropy loss every head must output the same classes"
+            )
+
+
+_WHAT = ("input", "loss", "penalty", "gradient")
+
+
+def _host_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class _StepGuard:
+    """Non-finite detection and rollback for one ``train_step``.
+
+    Before the step: a copy of every existing ``p.grad`` of the blocks' trainable parameters
+    (None stays None: nothing is copied in the usual ``zero_grad(set_to_none=True)`` loop) and
+    of the running statistics of train-mode normalisation layers. Per block, flags (device
+    tensors, no sync) for a non-finite loss, penalty and parameter gradient (the gradient flag
+    is the sum of per-tensor L1 norms of the block's ``p.grad``, in float64, after the block's
+    step: non-finite exactly when some entry is). ``read`` brings statistics and flags to the
+    host in one transfer; ``restore(blocks)`` puts those blocks' saved state back.
+    """
+
+    def __init__(self, blocks, x: torch.Tensor):
+        self.blocks = blocks
+        self.params = [b.trainable_parameters() for b in blocks]
+        self.grads: dict[int, Optional[torch.Tensor]] = {}
+        for ps in self.params:
+            for p in ps:
+                if id(p) not in self.grads:
+                    self.grads[id(p)] = None if p.grad is None else p.grad.detach().clone()
+        self.buffers = []
+        for b in blocks:
+            bufs = [t for m in b.modules()
+                    if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+                    for t in m.buffers(recurse=False)]
+            self.buffers.append([(t, t.detach().clone()) for t in bufs])
+        self.device = x.device
+        self.input_bad = (~torch.isfinite(x).all()) if (x.is_floating_point() or x.is_complex()) else None
+        self.grad_bad: list[Optional[torch.Tensor]] = []
+
+    def check_block(self, k: int, r) -> None:
+        grads = [p.grad for p in self.params[k] if p.grad is not None]
+        grads = [g._values() if g.is_sparse else g for g in grads]
+        if not grads:
+            self.grad_bad.append(None)
+            return
+        norms = torch._foreach_norm(grads, 1, dtype=_host_dtype(grads[0].device))
+        total = torch.stack([n.to(norms[0].device) for n in norms]).sum()
+        self.grad_bad.append(~torch.isfinite(total))
+
+    def read(self, results) -> tuple[list[list[Optional[float]]], dict[int, list[str]]]:
+        """Per block [loss, penalty, accuracy, cosine, norm_ratio] (None where absent) and
+        {block: [what, ...]} for the non-finite ones; one device-to-host transfer."""
+        dt = _host_dtype(self.device)
+        vals, slots = [], []  # slots: per block, the index in vals of each statistic (None: absent)
+
+        def put(t) -> Optional[int]:
+            if t is None:
+                return None
+            vals.append(t.detach().reshape(()).to(device=self.device, dtype=dt))
+            return len(vals) - 1
+
+        for k, r in enumerate(results):
+            stat = [put(r.loss), put(r.penalty), put(r.accuracy), put(r.cosine), put(r.norm_ratio)]
+            flags = [
+                put(self.input_bad) if k == 0 else None,
+                put(~torch.isfinite(r.loss)),
+                put(~torch.isfinite(r.penalty)),
+                put(self.grad_bad[k]),
+            ]
+            slots.append((stat, flags))
+        host = torch.stack(vals).tolist() if vals else []
+        values, bad = [], {}
+        for k, (stat, flags) in enumerate(slots):
+            values.append([None if i is None else host[i] for i in stat])
+            what = [w for w, i in zip(_WHAT, flags) if i is not None and host[i]]
+            if what:
+                bad[k] = what
+        return values, bad
+
+    @torch.no_grad()
+    def restore(self, blocks) -> None:
+        for k in blocks:
+            for p in self.params[k]:
+                saved = self.grads[id(p)]
+                if saved is not None and p.grad is not None and p.grad.shape == saved.shape and not p.grad.is_sparse:
+                    p.grad.copy_(saved)
+                else:
+                    p.grad = None if saved is None else saved.clone()
+            for t, saved in self.buffers[k]:
+                t.copy_(saved)

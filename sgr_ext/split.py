@@ -122,6 +122,25 @@ def _probe_shapes(units, classifier, x) -> tuple[list[torch.Size], int]:
     return shapes, out.shape[1]
 
 
+@torch.no_grad()
+def _check_head(head: nn.Module, shape: torch.Size, num_classes: int, k: int, param: torch.Tensor) -> None:
+    """The head built for block k must map (B, *shape) activations to (B, num_classes) logits."""
+    was_training = head.training
+    head.eval()
+    try:
+        out = head(torch.zeros(2, *shape, dtype=param.dtype, device=param.device))
+    except Exception as exc:
+        raise ValueError(f"head: the head built for block {k} fails on activations of shape (B, {', '.join(map(str, shape))}): {exc}") from None
+    finally:
+        head.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"head: the head built for block {k} returns {got} for a batch of 2; expected (2, {num_classes}) "
+            f"logits (num_classes = the model's classifier outputs)"
+        )
+
+
 def split(
     model: nn.Module,
     K: int,
@@ -162,7 +181,14 @@ def split(
     was_training = model.training
     model.eval()
     try:
-        shapes, num_classes = _probe_shapes(units, classifier, _example_input(model, units, example_input))
+        probe = _example_input(model, units, example_input)
+        try:
+            shapes, num_classes = _probe_shapes(units, classifier, probe)
+        except (RuntimeError, IndexError) as exc:  # e.g. a shape or dtype the model cannot take
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(
+                f"example_input: the model fails on a batch of shape {tuple(probe.shape)} and dtype {probe.dtype}: {first}"
+            ) from None
     finally:
         model.train(was_training)
 
@@ -179,6 +205,10 @@ def split(
         if k == K - 1:
             block_head = classifier
         else:
-            block_head = make_head(tuple(shapes[hi - 1]), num_classes).to(device=param.device, dtype=param.dtype)
+            block_head = make_head(tuple(shapes[hi - 1]), num_classes)
+            if not isinstance(block_head, nn.Module):
+                raise TypeError(f"head: expected head(sample_shape, num_classes) to return an nn.Module, got {type(block_head).__name__}")
+            block_head = block_head.to(device=param.device, dtype=param.dtype)
+            _check_head(block_head, shapes[hi - 1], num_classes, k, param)
         blocks.append(LocalBlock(module, block_head))
     return blocks

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -14,6 +14,10 @@ class StepConfig:
     eps: float
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     track_alignment: bool = False
+    # BP-free engine (engine/forward_grad.py) only: tangent draws averaged per phase, and
+    # per-sample (True) or whole-batch (False) directional derivatives.
+    num_tangents: int = 1
+    fg_per_sample: bool = True
 
 
 @dataclass
@@ -26,6 +30,10 @@ class BlockResult:
     accuracy: 0-dim fraction of argmax(head) == y, or None when the head is not a classifier.
     cosine, norm_ratio: 0-dim mean over samples of cos(A_k, D_{k-1}) and |A_k|/|D_{k-1}|,
         or None when A_k was not computed.
+    ready: optional ``torch.cuda.Event`` recorded (on the block's stream) as soon as
+        ``output`` and ``output_grad`` were computed, before the block's remaining backward
+        work: the next block may start after it (``sgr_ext.engine.pipeline``). None: the
+        outputs are ready when the engine returns.
     """
 
     output: torch.Tensor
@@ -35,6 +43,7 @@ class BlockResult:
     accuracy: Optional[torch.Tensor] = None
     cosine: Optional[torch.Tensor] = None
     norm_ratio: Optional[torch.Tensor] = None
+    ready: Optional[Any] = None
 
 
 @torch.no_grad()

@@ -10,9 +10,10 @@ Paths (``impl``):
 - ``None``: CUDA -> triton (torch if Triton is missing); CPU -> cpp if the C++ library is built,
   else torch; any other device -> torch.
 
-The triton/cpp paths go through the ``sgr_ext::reconcile_fwd`` / ``reconcile_bwd`` custom ops
-(``sgr_ext.ops._reconcile_ops``): one pass over a and d forward, one pass backward, an exact
-closed-form double backward, and no graph breaks under ``torch.compile(fullgraph=True)``.
+The triton/cpp paths make one pass over a and d forward, one pass backward, and have an exact
+closed-form double backward (``sgr_ext.ops._reconcile_ops``). Under torch.compile they go
+through the ``sgr_ext::reconcile_fwd`` / ``reconcile_bwd`` custom ops (no graph breaks with
+``fullgraph=True``); in eager mode through equivalent autograd Functions (less host overhead).
 """
 from __future__ import annotations
 
@@ -126,5 +127,7 @@ def reconcile(
     path = resolve_impl(impl, a.device, a.dtype)
     if path == "torch":
         return reconcile_torch(a, d, distance, eps)
-    loss, _ = torch.ops.sgr_ext.reconcile_fwd(a, d.detach(), distance, eps, path)
-    return loss
+    if torch.compiler.is_compiling():
+        loss, _ = torch.ops.sgr_ext.reconcile_fwd(a, d.detach(), distance, eps, path)
+        return loss
+    return _reconcile_ops.ReconcileFn.apply(a, d.detach(), distance, eps, path)

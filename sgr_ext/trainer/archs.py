@@ -9,44 +9,46 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Arch:
-    build: Callable[..., nn.Module]  # (num_classes, image_size, double_backward) -> model
+    # (num_classes, image_size, plain_attention) -> model; plain_attention: ViT attention
+    # written out instead of fused SDPA kernels (needed by the local engines)
+    build: Callable[..., nn.Module]
     channels: int  # input channels the model expects
     multiple: int = 1  # the image side must be a multiple of this (ViT patch size)
     description: str = ""
 
 
-def _resnet32(num_classes, image_size, double_backward):
+def _resnet32(num_classes, image_size, plain_attention):
     from sgr_ext.models import resnet32
 
     return resnet32(num_classes)
 
 
-def _resnet110(num_classes, image_size, double_backward):
+def _resnet110(num_classes, image_size, plain_attention):
     from sgr_ext.models import resnet110
 
     return resnet110(num_classes)
 
 
-def _vit_tiny(num_classes, image_size, double_backward):
+def _vit_tiny(num_classes, image_size, plain_attention):
     from sgr_ext.models.vit import vit_tiny
 
     return vit_tiny(num_classes, image_size=image_size)
 
 
 def _tv(name):
-    def build(num_classes, image_size, double_backward):
+    def build(num_classes, image_size, plain_attention):
         import torchvision
 
         from sgr_ext.adapters import adapt
 
         kwargs = {"image_size": image_size} if name.startswith("vit") else {}
         model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kwargs)
-        return adapt(model, input_shape=(3, image_size, image_size), double_backward=double_backward)
+        return adapt(model, input_shape=(3, image_size, image_size), plain_attention=plain_attention)
 
     return build
 
 
-def _digits_cnn(num_classes, image_size, double_backward):
+def _digits_cnn(num_classes, image_size, plain_attention):
     from sgr_ext.models import DigitsCNN
 
     return DigitsCNN(num_classes)
@@ -72,7 +74,7 @@ def image_size_for(arch: str, data_size: int, requested: int | None) -> int:
     return size
 
 
-def build(arch: str, num_classes: int, image_size: int, *, double_backward: bool = True) -> nn.Module:
+def build(arch: str, num_classes: int, image_size: int, *, plain_attention: bool = True) -> nn.Module:
     if arch not in ARCHS:
         raise ValueError(f"--arch: expected one of {tuple(ARCHS)}, got {arch!r}")
-    return ARCHS[arch].build(num_classes, image_size, double_backward)
+    return ARCHS[arch].build(num_classes, image_size, plain_attention)

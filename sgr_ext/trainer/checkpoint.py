@@ -16,8 +16,8 @@ import hashlib
 import io
 import os
 import random
+import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -63,16 +63,20 @@ def save(path, state: dict) -> Path:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():
+        if path.exists() and is_intact(path):  # a damaged current file never replaces a good previous one
             prev = previous_path(path)
             link = prev.with_name(f".{prev.name}.tmp-{os.getpid()}")
             try:
                 if link.exists():
                     link.unlink()
-                os.link(path, link)  # the current file stays in place until the new one replaces it
+                try:
+                    os.link(path, link)  # the current file stays in place until the new one replaces it
+                except OSError:  # no hard links on this filesystem: copy (never move it away)
+                    shutil.copyfile(path, link)
                 os.replace(link, prev)
-            except OSError:
-                os.replace(path, prev)
+            finally:
+                if link.exists():
+                    link.unlink()
         os.replace(tmp, path)
     finally:
         if tmp.exists():

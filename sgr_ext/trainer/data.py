@@ -49,6 +49,12 @@ def from_arrays(name: str, x_train, y_train, x_test, y_test, num_classes: int | 
         raise ValueError(f"x_test: expected images of shape {x_train.shape[1:]} like x_train, got {x_test.shape[1:]}")
     if len(x_train) < 2:
         raise ValueError(f"x_train: expected at least 2 training images, got {len(x_train)}")
+    for name, x in (("x_train", x_train), ("x_test", x_test)):
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+            raise ValueError(f"{name}: expected integer or floating-point pixel values, got dtype {x.dtype}")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            bad = int(np.flatnonzero((~np.isfinite(x.reshape(len(x), -1))).any(axis=1))[0])
+            raise ValueError(f"{name}: image {bad} contains NaN or infinite values")
     y_train = _labels("y_train", y_train, len(x_train))
     y_test = _labels("y_test", y_test, len(x_test))
     classes = int(max(y_train.max(), y_test.max() if len(y_test) else 0)) + 1
@@ -67,15 +73,14 @@ def load_npz(path) -> TensorDataset:
         raise FileNotFoundError(f"--data: no such file: {path}")
     try:
         with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in NPZ_KEYS if k not in z.files]
-            if missing:
-                raise ValueError(f"--data {path}: missing arrays {missing}; expected {list(NPZ_KEYS)}, found {z.files}")
-            arrays = [z[k] for k in NPZ_KEYS]
-    except ValueError:
-        raise
-    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError ...
+            files = list(z.files)
+            arrays = {k: z[k] for k in NPZ_KEYS if k in files}
+    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError, pickled/.npy data ...
         raise ValueError(f"--data {path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
-    return from_arrays(path.stem, *arrays)
+    missing = [k for k in NPZ_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"--data {path}: missing arrays {missing}; expected {list(NPZ_KEYS)}, found {files}")
+    return from_arrays(path.stem, *(arrays[k] for k in NPZ_KEYS))
 
 
 def load_cifar10_dir(root) -> TensorDataset:

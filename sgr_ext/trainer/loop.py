@@ -28,7 +28,7 @@ from torch import nn
 from sgr_ext import _checks
 from sgr_ext.data import TensorDataset
 from sgr_ext.net import LocalNet, NonFiniteError
-from sgr_ext.split import split
+from sgr_ext.split import model_units, split
 from sgr_ext.trainer import archs, checkpoint, metrics
 from sgr_ext.trainer.augment import random_crop_flip
 from sgr_ext.trainer.data import load_dataset, match_channels, subset
@@ -359,11 +359,16 @@ class _Run:
 
         # ---- model
         seed_everything(cfg.seed)
-        double_backward = cfg.method in ("sgr", "sgr-fast")
-        self.model = archs.build(cfg.arch, self.data.num_classes, self.image_size, double_backward=double_backward)
+        # Local engines may differentiate attention twice or in forward mode, which fused SDPA
+        # kernels cannot; global BP keeps them.
+        self.model = archs.build(cfg.arch, self.data.num_classes, self.image_size, plain_attention=cfg.method != "bp")
         self.model.to(device)
         self.net: Optional[LocalNet] = None
         if cfg.method != "bp":
+            n_units = len(model_units(self.model)[0])
+            if cfg.modules > n_units:
+                raise ValueError(f"--modules: {cfg.arch} has {n_units} splittable units, so K must be at most "
+                                 f"{n_units}, got {cfg.modules}")
             example = torch.zeros(2, self.data.x_train.shape[1], self.image_size, self.image_size, device=device)
             blocks = split(self.model, cfg.modules, example_input=example)
             self.net = LocalNet(blocks, **cfg.localnet_kwargs())

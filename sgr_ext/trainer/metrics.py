@@ -13,6 +13,7 @@ LIST_FIELDS = {
     "block_train_loss": "train_loss_block",
     "block_penalty": "penalty_block",
     "block_test_acc": "test_acc_block",
+    "block_train_acc": "train_acc_block",
     "cosine": "cos_block",
     "norm_ratio": "norm_ratio_block",
 }
@@ -125,7 +126,7 @@ def plot_learning_curves(history: Sequence[dict], path, title: str = "") -> Opti
     ax.legend(fontsize=7)
     ax = axes[1]
     _plot_masked(ax, epochs, [r.get("test_acc") for r in history], marker="o", ms=3, label="test")
-    _plot_masked(ax, epochs, [r.get("train_acc") for r in history], ls="--", label="train (augmented)")
+    _plot_masked(ax, epochs, [r.get("train_acc") for r in history], ls="--", label="train (running mean)")
     ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     ax.legend(fontsize=7)
     ax = axes[2]

@@ -1,0 +1,156 @@
+"""Plain local step (no penalty) and helpers shared by the lean engines.
+
+``step`` here is the fastest plain local-learning step: one forward, ONE backward that
+fills every parameter's ``.grad`` and, when asked, also yields D_k (and A_k for
+``track_alignment``) from the same pass. The ``exact`` and ``fast`` engines call it for
+the first block and whenever ``lam == 0``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sgr_ext.blocks import LocalBlock
+from sgr_ext.engine.base import BlockResult, StepConfig, accuracy, alignment
+from sgr_ext.ops.reconcile import reconcile
+
+_RANDOM_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU)
+_RANDOM_FUNCTIONS = {
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, F.rrelu,
+    torch.dropout, torch.bernoulli, torch.rand, torch.randn, torch.rand_like, torch.randn_like, torch.randint,
+    torch.randperm, torch.multinomial, torch.normal,
+}
+
+
+def ready_event(t: torch.Tensor):
+    """A CUDA event recorded now on the current stream (None off CUDA): ``t`` is ready after it."""
+    if t.is_cuda:
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(t.device))
+        return ev
+    return None
+
+
+def is_stochastic(block: nn.Module) -> bool:
+    """Whether a forward of ``block`` in its current mode draws random numbers (dropout, ...).
+
+    Checks module types and, for traceable modules, the functions their forward calls;
+    an untraceable module counts as stochastic (the safe answer).
+    """
+    from sgr_ext.engine import dual
+
+    for m in block.modules():
+        if isinstance(m, _RANDOM_MODULES) and m.training and getattr(m, "p", 1) != 0:
+            return True
+    for part in (block.module, block.head) if isinstance(block, LocalBlock) else (block,):
+        prog = dual._program(part)
+        if prog is None:
+            return part.training
+        if any(n.op == "call_function" and n.target in _RANDOM_FUNCTIONS for n in prog.nodes):
+            return True
+    return False
+
+
+class replay_rng(contextlib.AbstractContextManager):
+    """Snapshot the RNG of ``device`` now; ``with`` it, a recomputation draws the same numbers.
+
+    ``replay_rng(device, active=False)`` does nothing (blocks without randomness).
+    """
+
+    def __init__(self, device: torch.device, active: bool = True):
+        self.device = device
+        self.active = active
+        if active:
+            self.cpu = torch.get_rng_state()
+            self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.active:
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def penalty_direction(a: torch.Tensor, d_prev: torch.Tensor, cfg: StepConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """R = reconcile(A, D_{k-1}) and w = dR/dA (first derivative only, detached)."""
+    with torch.enable_grad():
+        a_ = a.detach().requires_grad_(True)
+        pen = reconcile(a_, d_prev, distance=cfg.distance, eps=cfg.eps)
+        (w,) = torch.autograd.grad(pen, a_)
+    return pen.detach(), w
+
+
+def accumulate(params, grads) -> None:
+    """``p.grad += g`` for every pair (``p.grad = g`` where it was None); skips None grads."""
+    have, add, new = [], [], []
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        if p.grad is None:
+            new.append((p, g))
+        else:
+            have.append(p.grad)
+            add.append(g.to(p.grad.dtype))
+    if have:
+        torch._foreach_add_(have, add)
+    for p, g in new:
+        p.grad = g.to(p.dtype) if g.dtype != p.dtype else g
+
+
+def step(
+    block: LocalBlock,
+    x_prev: torch.Tensor,
+    y: torch.Tensor,
+    d_prev: Optional[torch.Tensor],
+    cfg: StepConfig,
+    need_output_grad: bool,
+) -> BlockResult:
+    """Plain local step of one block: ``p.grad += grad l_k``; no penalty (lam ignored).
+
+    Same contract as ``sgr_ext.engine.double_backward.step`` with ``lam == 0``: returns
+    x_k, D_k when ``need_output_grad``, and the alignment statistics when
+    ``cfg.track_alignment`` and ``d_prev`` is given. One forward and one backward.
+    """
+    with torch.enable_grad():
+        batch = x_prev.shape[0]
+        need_input_grad = d_prev is not None and cfg.track_alignment
+        u = x_prev.detach().requires_grad_(need_input_grad)
+        x = block.module(u)
+        if need_output_grad and not x.requires_grad:
+            x.requires_grad_()  # a parameter-free module on a constant input: x is a leaf
+        ready = None if need_output_grad else ready_event(x)
+        logits = block.head(x)
+        loss = cfg.loss_fn(logits, y)
+        params = block.trainable_parameters()
+        inputs = list(params) + ([x] if need_output_grad else []) + ([u] if need_input_grad else [])
+        d_out = a = None
+        if inputs and loss.requires_grad:
+            torch.autograd.backward(loss, inputs=inputs)
+            if need_output_grad:
+                d_out = x.grad * batch if x.grad is not None else torch.zeros_like(x)
+                x.grad = None
+            if need_input_grad:
+                a = u.grad * batch if u.grad is not None else torch.zeros_like(u)
+        if ready is None:
+            ready = ready_event(x)
+    cos = ratio = None
+    if a is not None:
+        cos, ratio = alignment(a, d_prev)
+    return BlockResult(
+        output=x.detach(),
+        output_grad=None if d_out is None else d_out.detach(),
+        loss=loss.detach(),
+        penalty=loss.new_zeros(()).detach(),
+        accuracy=accuracy(logits, y),
+        cosine=cos,
+        norm_ratio=ratio,
+        ready=ready,
+    )

@@ -1,0 +1,126 @@
+"""Lean exact engine (``mode="exact"``): the penalty gradient from one tangent-carrying pass.
+
+For block k with loss l(theta, u) (u = stop_grad(x_{k-1})), A = B dl/du and
+R = (1/B) sum_i dist(A_i, D_{k-1,i}). With w = stop_grad(dR/dA) (the first derivative of
+``reconcile`` only), the chain rule gives
+
+    grad_theta R = grad_theta <A, w> = B grad_theta [ d/de l(theta, u + e w) ]_{e=0}
+                 = B grad_theta ldot(w),
+
+the parameter gradient of the loss's directional derivative along the INPUT tangent w.
+So grad_theta J = grad_theta [ l + lam B ldot(w) ], and one step is:
+
+1. forward, and a backward w.r.t. u and x_k only (no weight gradients): A_k, D_k; the
+   graph is freed. BatchNorm running statistics are updated here, once.
+2. w = dR/dA from ``reconcile`` (its first derivative; no double backward).
+3. recompute forward carrying the tangent (``sgr_ext.engine.dual``: primal and tangent
+   packed along the batch, so conv/linear run once on 2B rows; train-mode BN uses the
+   primal batch statistics and their tangents; ReLU masks; pooling linear), then ONE
+   backward of l + lam B ldot w.r.t. the parameters.
+
+No create_graph graph is ever built: peak memory is one 2B-row forward of the block (no
+second-order graph), about what plain local learning needs for a batch twice as large.
+The result equals the double-backward reference up to floating-point rounding.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from sgr_ext.blocks import LocalBlock
+from sgr_ext.engine import dual, local
+from sgr_ext.engine.base import BlockResult, StepConfig, accuracy, alignment
+from sgr_ext.reference import accumulate_dtype
+
+
+def tangent_scale(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A power of two s with |s w| ~ |u|, as a 0-dim tensor (no host sync).
+
+    ldot is linear in the tangent, so carrying s*w and dividing by s is exact in binary
+    floating point, and keeps the tangent in the activations' range (matters for fp16/bf16).
+    """
+    acc = accumulate_dtype(u.dtype)
+    nu = torch.linalg.vector_norm(u.detach(), dtype=acc)
+    nw = torch.linalg.vector_norm(w, dtype=acc)
+    e = torch.nan_to_num(torch.log2(nu / nw), nan=0.0).round().clamp(-60.0, 60.0)
+    return torch.exp2(e)
+
+
+def step(
+    block: LocalBlock,
+    x_prev: torch.Tensor,
+    y: torch.Tensor,
+    d_prev: Optional[torch.Tensor],
+    cfg: StepConfig,
+    need_output_grad: bool,
+) -> BlockResult:
+    """Add grad of J_k = l_k + lam * R_k to ``p.grad`` (exact; see the module docstring).
+
+    Same contract as ``sgr_ext.engine.double_backward.step``.
+    """
+    if d_prev is None or cfg.lam == 0:
+        return local.step(block, x_prev, y, d_prev, cfg, need_output_grad)
+    batch = x_prev.shape[0]
+    rng = local.replay_rng(x_prev.device, active=local.is_stochastic(block))
+    with torch.enable_grad():
+        # 1. A_k and D_k: activation gradients only; the graph is freed by autograd.grad
+        u = x_prev.detach().requires_grad_(True)
+        x = block.module(u)
+        if need_output_grad and not x.requires_grad:
+            x.requires_grad_()  # the block output does not depend on its input
+        logits = block.head(x)
+        loss = cfg.loss_fn(logits, y)
+        acc = accuracy(logits, y)
+        del logits
+        wrt = [u, x] if need_output_grad and x is not u else [u]
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+        a = grads[0] * batch if grads[0] is not None else torch.zeros_like(u)
+        d_out = None
+        if need_output_grad:
+            g = grads[0] if x is u else grads[1]
+            d_out = g * batch if g is not None else torch.zeros_like(x)
+            del g
+        output = x.detach()
+        loss = loss.detach()
+        del grads, x
+        ready = local.ready_event(output)
+
+        # 2. the penalty and its first derivative w = dR/dA
+        penalty, w = local.penalty_direction(a, d_prev, cfg)
+        cos, ratio = alignment(a, d_prev)
+        del a
+
+        # 3. one tangent-carrying forward and one backward of l + lam B ldot
+        params = block.trainable_parameters()
+        if params:
+            s = tangent_scale(u, w)
+            z = dual.pack(u.detach(), w * s)
+            del w
+            with dual.frozen_norm_stats(block), rng:
+                out = dual.run_module(block.module, z)
+                del z
+                if isinstance(out, dual.Dual):
+                    head_out = dual.run_module(block.head, out)
+                else:  # the block output does not depend on its input
+                    head_out = block.head(out)
+                del out
+                if isinstance(head_out, dual.Dual):
+                    l, ldot = dual.dual_loss(head_out, y, cfg.loss_fn)
+                    objective = l + ldot * (cfg.lam * batch / s)
+                else:
+                    objective = cfg.loss_fn(head_out, y)
+                del head_out
+            if objective.requires_grad:
+                objective.backward(inputs=params)
+            del objective
+    return BlockResult(
+        output=output,
+        output_grad=None if d_out is None else d_out.detach(),
+        loss=loss,
+        penalty=penalty,
+        accuracy=acc,
+        cosine=cos,
+        norm_ratio=ratio,
+        ready=ready,
+    )
