@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_linear_ce.py               # < 4 min on one H100
     python benchmarks/gpu_linear_ce.py --quick       # LLM sizes only, no torch.compile
+    python benchmarks/gpu_linear_ce.py --smoke --out /tmp/x   # tiny, any device: checks the script
 
 For every size and implementation, one forward + backward (``torch.autograd.grad`` w.r.t. x
 and W, bf16 inputs, reduction="mean"):
@@ -14,8 +15,9 @@ and W, bf16 inputs, reduction="mean"):
 
 Implementations: torch eager (logits in bf16, softmax in fp32: ``sgr_ext.reference``), torch.compile
 (inductor) of the same function, Liger-Kernel's fused linear cross-entropy (if importable),
-sgr_ext impl="triton", sgr_ext impl=None (the dispatch), and at the LLM sizes sgr_ext with dW
-accumulated in float32 across chunks (more memory, one rounding).
+sgr_ext impl="triton", sgr_ext impl=None (the dispatch), and at the LLM sizes two variants:
+dW accumulated in float32 across chunks (more memory, one rounding) and each chunk's dx GEMM
+on a side stream concurrent with its dW GEMM (``GRAD_GEMM_STREAMS = 2``).
 
 Sizes: N=8192 H=768 V=32000 and N=16384 H=2048 V=128256 (targets: peak <= Liger, time <=
 0.9x Liger), CIFAR heads N=1024, H in {64, 128, 256, 512}, V in {10, 100}, and two sizes in
@@ -47,6 +49,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE = -100
+DEVICE = "cuda"  # --smoke on a machine without a GPU: "cpu" (Triton in the interpreter)
 
 LLM_SIZES = [
     {"name": "N8192_H768_V32000", "N": 8192, "H": 768, "V": 32000, "llm": True},
@@ -91,15 +94,6 @@ def make_impls(size: dict, no_compile: bool) -> dict:
     from sgr_ext.reference import linear_cross_entropy_torch
 
     impls = {"torch_eager": lambda x, w, t: linear_cross_entropy_torch(x, w, t, None, "mean", IGNORE)}
-    if not no_compile:
-        key = "llm" if size["llm"] else "small"
-        if key not in _COMPILED:
-            # one dynamic-shape compile for all small sizes keeps the run short
-            _COMPILED[key] = torch.compile(
-                lambda x, w, t: F.cross_entropy(F.linear(x, w).float(), t, ignore_index=IGNORE),
-                dynamic=not size["llm"],
-            )
-        impls["torch_compile"] = _COMPILED[key]
     lig = liger_fn()
     if lig is not None:
         impls["liger"] = lig
@@ -115,15 +109,34 @@ def make_impls(size: dict, no_compile: bool) -> dict:
                 lce.FP32_DW_MAX_BYTES = old
 
         impls["sgr_ext_triton_fp32dW"] = fp32_dw
+
+        def two_streams(x, w, t):
+            old = lce.GRAD_GEMM_STREAMS
+            lce.GRAD_GEMM_STREAMS = 2
+            try:
+                return lce.linear_cross_entropy(x, w, t, impl="triton")
+            finally:
+                lce.GRAD_GEMM_STREAMS = old
+
+        impls["sgr_ext_triton_2streams"] = two_streams
+    if not no_compile:  # last: the slowest to set up (compilation) and the least important
+        key = "llm" if size["llm"] else "small"
+        if key not in _COMPILED:
+            # one dynamic-shape compile for all small sizes keeps the run short
+            _COMPILED[key] = torch.compile(
+                lambda x, w, t: F.cross_entropy(F.linear(x, w).float(), t, ignore_index=IGNORE),
+                dynamic=not size["llm"],
+            )
+        impls["torch_compile"] = _COMPILED[key]
     return impls
 
 
 def make_inputs(size: dict, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     n, h, v = size["N"], size["H"], size["V"]
-    x = torch.randn(n, h, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
-    w = (torch.randn(v, h, device="cuda", generator=g) * (2.0 / math.sqrt(h))).to(torch.bfloat16).requires_grad_()
-    t = torch.randint(0, v, (n,), device="cuda", generator=g)
+    x = torch.randn(n, h, device=DEVICE, generator=g).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(v, h, device=DEVICE, generator=g) * (2.0 / math.sqrt(h))).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, v, (n,), device=DEVICE, generator=g)
     return x, w, t
 
 
@@ -160,9 +173,23 @@ def rel(a: torch.Tensor, r: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------ measuring
 
 
-def measure(fn, x, w, t, ref, rep_ms: int) -> dict:
+def _timings(step, rep_ms: int) -> dict:
+    if DEVICE != "cuda":  # smoke run: wall clock
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        return {"median_ms": times[1], "p10_ms": times[0], "p90_ms": times[2]}
     from triton.testing import do_bench
 
+    out = {"median_ms": do_bench(step, warmup=max(25, rep_ms // 8), rep=rep_ms, return_mode="median")}
+    out["p10_ms"], out["p90_ms"] = do_bench(step, warmup=5, rep=max(50, rep_ms // 2), quantiles=[0.1, 0.9])
+    return out
+
+
+def measure(fn, x, w, t, ref, rep_ms: int) -> dict:
     def step():
         loss = fn(x, w, t)
         return torch.autograd.grad(loss, [x, w])
@@ -174,37 +201,38 @@ def measure(fn, x, w, t, ref, rep_ms: int) -> dict:
         "loss_rel_err": rel(loss, ref[0]),
         "dx_rel_err": rel(gx, ref[1]),
         "dW_rel_err": rel(gw, ref[2]),
-        "loss": float(loss),
+        "loss": float(loss.detach()),
     }
     del loss, gx, gw
     step()
-    torch.cuda.synchronize()
-    gc.collect()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    out["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
-    out["median_ms"] = do_bench(step, warmup=max(25, rep_ms // 8), rep=rep_ms, return_mode="median")
-    p10, p90 = do_bench(step, warmup=5, rep=max(50, rep_ms // 2), quantiles=[0.1, 0.9])
-    out["p10_ms"], out["p90_ms"] = p10, p90
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        gc.collect()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        out["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        out["peak_mib"] = float("nan")
+    out.update(_timings(step, rep_ms))
     return out
 
 
-def selftest() -> dict:
+def selftest(vocab=(11, 4099, 40000)) -> dict:
     """The CUDA path of sgr_ext against float64 on small shapes (first and second order)."""
     from sgr_ext.ops import linear_cross_entropy
 
     torch.manual_seed(0)
     worst = 0.0
     cases = 0
-    for v in (11, 4099, 40000):
+    for v in vocab:
         for reduction in ("mean", "sum", "none"):
             for bias in (True, False):
-                x = torch.randn(67, 24, device="cuda", dtype=torch.float64, requires_grad=True)
-                w = torch.randn(v, 24, device="cuda", dtype=torch.float64, requires_grad=True)
-                b = torch.randn(v, device="cuda", dtype=torch.float64, requires_grad=True) if bias else None
-                t = torch.randint(0, v, (67,), device="cuda")
+                x = torch.randn(67, 24, device=DEVICE, dtype=torch.float64, requires_grad=True)
+                w = torch.randn(v, 24, device=DEVICE, dtype=torch.float64, requires_grad=True)
+                b = torch.randn(v, device=DEVICE, dtype=torch.float64, requires_grad=True) if bias else None
+                t = torch.randint(0, v, (67,), device=DEVICE)
                 t[::5] = IGNORE
                 params = [p for p in (x, w, b) if p is not None]
 
@@ -214,12 +242,32 @@ def selftest() -> dict:
                     return [loss] + list(g1) + list(torch.autograd.grad(s, params))
 
                 z = x @ w.t() + (b if b is not None else 0)
-                ref = grads(F.cross_entropy(z, t, reduction=reduction, ignore_index=IGNORE))
-                ours = grads(linear_cross_entropy(x, w, t, bias=b, reduction=reduction, impl="triton"))
+                ref = [g.detach() for g in grads(F.cross_entropy(z, t, reduction=reduction, ignore_index=IGNORE))]
+                ours = [g.detach() for g in grads(linear_cross_entropy(x, w, t, bias=b, reduction=reduction,
+                                                                       impl="triton"))]
                 for a, r in zip(ours, ref):
-                    worst = max(worst, float((a - r).norm() / max(r.norm(), 1e-300)))
+                    worst = max(worst, float((a - r).norm() / max(float(r.norm()), 1e-300)))
                 cases += 1
-    return {"cases": cases, "worst_rel_err_fp64": worst, "passed": worst < 1e-9}
+    # the side-stream variant must agree with the one-stream path
+    from sgr_ext.ops import linear_ce as lce
+
+    old_rows, old_streams = lce.chunk_rows, lce.GRAD_GEMM_STREAMS
+    same = True
+    try:
+        lce.chunk_rows = lambda n, h, v: 64
+        x = torch.randn(300, 32, device=DEVICE).bfloat16().requires_grad_()
+        w = torch.randn(5000, 32, device=DEVICE).bfloat16().requires_grad_()
+        t = torch.randint(0, 5000, (300,), device=DEVICE)
+        outs = []
+        for streams in (1, 2):
+            lce.GRAD_GEMM_STREAMS = streams
+            loss = linear_cross_entropy(x, w, t, impl="triton")
+            outs.append([loss] + list(torch.autograd.grad(loss, [x, w])))
+        same = all(rel(a, c) < 5e-3 for a, c in zip(*outs))  # cuBLAS may pick another algorithm
+    finally:
+        lce.chunk_rows, lce.GRAD_GEMM_STREAMS = old_rows, old_streams
+    return {"cases": cases, "worst_rel_err_fp64": worst, "two_streams_agree": same,
+            "passed": worst < 1e-9 and same}
 
 
 # --------------------------------------------------------------------------------- output
@@ -261,19 +309,22 @@ def plot(results: list, path: Path, device: str) -> None:
     impls = list(dict.fromkeys(r["impl"] for r in results))
     fig, axes = plt.subplots(2, 1, figsize=(max(10, 1.4 * len(sizes)), 8), sharex=True)
     width = 0.8 / max(1, len(impls))
+    has_data = {0: False, 1: False}
     for k, impl in enumerate(impls):
-        for ax, key in zip(axes, ("median_ms", "peak_mib")):
+        for a, (ax, key) in enumerate(zip(axes, ("median_ms", "peak_mib"))):
             xs, ys = [], []
             for i, s in enumerate(sizes):
                 r = next((r for r in results if r["size"] == s and r["impl"] == impl and key in r), None)
-                if r is not None:
+                if r is not None and math.isfinite(r[key]) and r[key] > 0:
                     xs.append(i + (k - (len(impls) - 1) / 2) * width)
-                    ys.append(max(r[key], 1e-3))
+                    ys.append(r[key])
+            has_data[a] |= bool(ys)
             ax.bar(xs, ys, width=width, label=impl)
     axes[0].set_ylabel("fwd+bwd median (ms)")
     axes[1].set_ylabel("peak extra memory (MiB)")
-    for ax in axes:
-        ax.set_yscale("log")
+    for a, ax in enumerate(axes):
+        if has_data[a]:
+            ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3)
     axes[1].set_xticks(range(len(sizes)))
     axes[1].set_xticklabels(sizes, rotation=30, ha="right", fontsize=8)
@@ -307,14 +358,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="LLM sizes only, no torch.compile")
     ap.add_argument("--no-compile", action="store_true", help="leave out torch.compile (saves ~1 min)")
-    ap.add_argument("--budget-s", type=float, default=215.0, help="skip what is left after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=190.0,
+                    help="start nothing new after this many seconds (the run stays under 4 min)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes, any device (CPU: Triton interpreter), to check the script itself")
     args = ap.parse_args(argv)
+    global DEVICE
     if not torch.cuda.is_available():
-        print("gpu_linear_ce.py needs a CUDA GPU", file=sys.stderr)
-        return 2
+        if not args.smoke:
+            print("gpu_linear_ce.py needs a CUDA GPU (or --smoke)", file=sys.stderr)
+            return 2
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        DEVICE = "cpu"
     t_start = time.time()
-    device = torch.cuda.get_device_name()
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu-smoke"
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"linear_ce_{slug(device)}"
     meta = {
@@ -329,13 +389,16 @@ def main(argv=None) -> int:
         "errors": "||out - ref|| / ||ref||, ref = float64 on the same bf16 inputs",
     }
     try:
-        meta["selftest"] = selftest()
+        meta["selftest"] = selftest((11, 300) if args.smoke else (11, 4099, 40000))
     except Exception as exc:  # noqa: BLE001
         meta["selftest"] = {"passed": False, "error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
     print("self-test:", {k: v for k, v in meta["selftest"].items() if k != "trace"}, flush=True)
 
     results: list = []
     sizes = LLM_SIZES + ([] if args.quick else CIFAR_SIZES + MID_SIZES)
+    if args.smoke:
+        sizes = [{"name": "N67_H32_V1000", "N": 67, "H": 32, "V": 1000, "llm": True},
+                 {"name": "N64_H16_V10", "N": 64, "H": 16, "V": 10, "llm": False}]
     for size in sizes:
         from sgr_ext.ops.linear_ce import chunk_rows
 
@@ -347,7 +410,7 @@ def main(argv=None) -> int:
             results.append({"size": size["name"], "impl": "*", "error": f"{type(exc).__name__}: {exc}"})
             continue
         rep = 400 if size["llm"] else 100
-        for name, fn in make_impls(size, args.quick or args.no_compile).items():
+        for name, fn in make_impls(size, args.quick or args.no_compile or args.smoke).items():
             row = {"size": size["name"], "impl": name, **{k: size[k] for k in ("N", "H", "V")}}
             if time.time() - t_start > args.budget_s:
                 row["error"] = "skipped (time budget)"
@@ -363,10 +426,12 @@ def main(argv=None) -> int:
             msg = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "trace"}
             print("  ", msg, flush=True)
             gc.collect()
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
         del x, w, t, ref
         gc.collect()
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
         (args.out / f"{stem}.json").write_text(json.dumps({**meta, "results": results}, indent=1))
 
     meta["total_s"] = round(time.time() - t_start, 1)

@@ -167,7 +167,8 @@ void bwd_impl(const at::Tensor& a2, const at::Tensor& d2, const at::Tensor& stat
       const acc_t na = std::sqrt(st[b * 3]), ad = st[b * 3 + 1], nd = std::sqrt(st[b * 3 + 2]);
       const acc_t den = na * nd + e;
       cd[b] = -gb / den;
-      ca[b] = na > 0 ? gb * ad * nd / (den * den * na) : acc_t(0);
+      // (ad/den) (nd/den) / na, not ad nd / (den^2 na): den^2 overflows float from |a||d| ~ 2e19
+      ca[b] = na > 0 ? gb * (ad / den) * (nd / den) / na : acc_t(0);
     }
   }
   const scalar_t* a = a2.data_ptr<scalar_t>();

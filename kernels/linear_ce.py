@@ -180,6 +180,16 @@ def scale_kernel(X, G, numel, BLOCK: tl.constexpr, IS_FP64: tl.constexpr):
             tl.store(X + offs, (x.to(acc_t) * g).to(X.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def check_targets_kernel(T, n, V, ignore_index, FLAG, BLOCK: tl.constexpr):
+    """FLAG <- 1 if any target is neither ignore_index nor in [0, V); no (N,) temporaries."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    y = tl.load(T + offs, mask=offs < n, other=ignore_index)
+    bad = (y != ignore_index) & ((y < 0) | (y >= V))
+    if tl.max(bad.to(tl.int32), 0) > 0:
+        tl.store(FLAG, 1)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -257,3 +267,13 @@ def scale_(t: torch.Tensor, g: torch.Tensor) -> None:
     block = 4096
     grid = (min(triton.cdiv(n, block), 8 * _programs(t.device)),)
     scale_kernel[grid](t, g, n, BLOCK=block, IS_FP64=t.dtype == torch.float64, num_warps=8)
+
+
+def check_targets(target: torch.Tensor, v: int, ignore_index: int) -> torch.Tensor:
+    """A 0-dim int32 device flag, set to 1 if a target is out of range (read it later)."""
+    flag = torch.zeros((), dtype=torch.int32, device=target.device)
+    n = target.numel()
+    if n:
+        block = 1024
+        check_targets_kernel[(triton.cdiv(n, block),)](target, n, v, ignore_index, flag, BLOCK=block, num_warps=4)
+    return flag

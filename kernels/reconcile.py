@@ -171,7 +171,8 @@ def _bwd_kernel(
         den = na * nd + eps
         coef_d = (-g / den)[:, None]
         safe_na = tl.where(na > 0, na, 1.0)
-        coef_a = tl.where(na > 0, g * ad * nd / (den * den * safe_na), 0.0)[:, None]
+        # (ad/den) (nd/den) / na, not ad nd / (den^2 na): den^2 overflows float32 from |a||d| ~ 2e19
+        coef_a = tl.where(na > 0, g * (ad / den) * (nd / den) / safe_na, 0.0)[:, None]
     else:
         two_g = 2.0 * g
     for off in range(0, CHUNK, BLOCK):

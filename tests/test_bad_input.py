@@ -347,9 +347,8 @@ def test_the_table_covers_every_entry_point_with_enough_cases():
 
 @pytest.mark.parametrize("case_id, entry, thunk, exc, match", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(case_id, entry, thunk, exc, match, tmp_path):
-    with pytest.raises(exc, match=match) as info:
+    with pytest.raises(exc, match=match):
         thunk(tmp_path)
-    assert type(info.value) is exc or exc is CliError or not issubclass(type(info.value), RuntimeError)
 
 
 # ----------------------------------------------------------------------------- accepted inputs

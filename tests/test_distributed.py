@@ -3,19 +3,13 @@
 Data parallel: gradients and statistics equal one process's on the full batch. Module
 parallel: each stage's gradients (and the last stage's statistics) equal the
 single-device step, over two optimizer steps. A rank that dies makes the others raise
-``PeerError`` within the timeout. Workers are forked from a forkserver that imported
-torch and sgr_ext once, so a launch costs about a second, not an import per process.
+``PeerError`` within the timeout. Ranks are launched by ``tests/_dist_util.py``.
 """
 from __future__ import annotations
 
 import copy
-import multiprocessing as mp
 import os
-import pickle
-import socket
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -24,89 +18,14 @@ from torch import nn
 
 import sgr_ext
 from sgr_ext import distributed as sd
+from _dist_util import TIMEOUT_S, check_all_ok, launch
+from _dist_util import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "benchmarks" / "dist_train_example.py"
-TIMEOUT_S = 6.0  # process-group timeout inside the workers
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
-
-
-# ------------------------------------------------------------------------------ launching
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_CTX = None
-
-
-def _mp_context():
-    global _CTX
-    if _CTX is None:
-        _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "sgr_ext", "sgr_ext.distributed", "sgr_ext.data", "sklearn.datasets"])
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()  # the imports happen here once, outside the tests' deadlines
-    return _CTX
-
-
-def _entry(fn_name, rank, world, port, out_dir, kwargs):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    fn = globals()[fn_name]
-    try:
-        if kwargs.pop("_setup", True):
-            ctx = sd.setup_from_env(timeout_s=kwargs.pop("_timeout", TIMEOUT_S))
-            result = fn(ctx, **kwargs)
-        else:
-            result = fn(**kwargs)
-        payload = {"ok": True, "result": result}
-    except BaseException as exc:  # reported to the parent test
-        payload = {"ok": False, "type": type(exc).__name__, "error": str(exc), "tb": traceback.format_exc()}
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(payload, f)
-    sys.stdout.flush()
-    os._exit(0)  # no teardown: a broken process group must not hang the exit
-
-
-def launch(fn, world, tmp_path, *, deadline_s=45.0, **kwargs):
-    """Run ``fn(ctx, **kwargs)`` on ``world`` gloo ranks; returns (payloads, exit codes)."""
-    ctx = _mp_context()
-    port = _free_port()
-    out = tmp_path / f"{fn.__name__}-{port}"
-    out.mkdir()
-    procs = [ctx.Process(target=_entry, args=(fn.__name__, r, world, port, str(out), dict(kwargs)))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    t_end = time.monotonic() + deadline_s
-    for p in procs:
-        p.join(max(0.1, t_end - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still running after {deadline_s} s: a hang"
-    payloads = []
-    for r in range(world):
-        f = out / f"rank{r}.pkl"
-        payloads.append(pickle.loads(f.read_bytes()) if f.exists() else None)
-    return payloads, [p.exitcode for p in procs]
-
-
-def check_all_ok(payloads):
-    for r, p in enumerate(payloads):
-        assert p is not None, f"rank {r} wrote no result"
-        assert p["ok"], f"rank {r} failed: {p['type']}: {p['error']}\n{p['tb']}"
-    return [p["result"] for p in payloads]
 
 
 # ------------------------------------------------------------------------------ models

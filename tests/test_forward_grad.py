@@ -27,6 +27,15 @@ from sgr_ext.engine.base import StepConfig
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: intra-op threads only add overhead (6x slower on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _cfg(lam=0.0, distance="l2", n=1, per_sample=True, track=False):
     return StepConfig(lam=lam, distance=distance, eps=1e-8, loss_fn=F.cross_entropy,
                       track_alignment=track, num_tangents=n, fg_per_sample=per_sample)

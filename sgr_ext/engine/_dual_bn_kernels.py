@@ -13,7 +13,8 @@ over the N = n * S primal elements:
     backward apply  one pass: gx = k1 g + k2 gt + k3 t + kx (x - mu) + k0,
                                 gt_in = k1 gt + k7 (x - mu) + k8
 
-Statistics accumulate in float32 (inputs of any float dtype except float64, which the
+Grid: axis 0 over blocks of the n * S rows (no 65535 limit there), axis 1 over channel
+blocks. Statistics accumulate in float32 (inputs of any float dtype except float64, which the
 torch path handles). The per-channel coefficient algebra lives in ``sgr_ext.engine.dual``.
 """
 from __future__ import annotations
@@ -22,14 +23,14 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "C", "S", "t_off"])
 def _stats_fwd_kernel(
     Z, n, C, S, s_n, s_c, s_s, t_off,
     CNT, SX, ST, M2, CX,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    pid_p = tl.program_id(1)
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < n * S
@@ -55,14 +56,14 @@ def _stats_fwd_kernel(
     tl.store(CNT + pid_p, cnt)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "C", "S", "t_off", "o_t_off"])
 def _apply_fwd_kernel(
     Z, OUT, n, C, S, s_n, s_c, s_s, t_off, o_n, o_c, o_s, o_t_off,
     A, B, D, E,
     RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    pid_p = tl.program_id(1)
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < n * S
@@ -89,15 +90,15 @@ def _apply_fwd_kernel(
     tl.store(OUT + o_t_off + o, yt.to(OUT.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "C", "S", "t_off", "g_t_off"])
 def _stats_bwd_kernel(
     Z, G, n, C, S, s_n, s_c, s_s, t_off, g_n, g_c, g_s, g_t_off,
     MEAN, A, B,
     SG, SGX, SGT, SGTX, SGTT,
     RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    pid_p = tl.program_id(1)
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < n * S
@@ -128,14 +129,14 @@ def _stats_bwd_kernel(
     tl.store(SGTT + out, tl.sum(gt * t, axis=0), mask=mask_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "C", "S", "t_off", "g_t_off", "o_t_off"])
 def _apply_bwd_kernel(
     Z, G, OUT, n, C, S, s_n, s_c, s_s, t_off, g_n, g_c, g_s, g_t_off, o_n, o_c, o_s, o_t_off,
     MEAN, A, B, K1, K2, K3, KX, K0, K7, K8,
     RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    pid_p = tl.program_id(1)
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_p = offs_p < n * S
@@ -170,3 +171,117 @@ def _apply_bwd_kernel(
     o = i * o_n + s * o_s + c * o_c
     tl.store(OUT + o, gx.to(OUT.dtype.element_ty), mask=m)
     tl.store(OUT + o_t_off + o, gxt.to(OUT.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["nb", "C"])
+def _finalize_fwd_kernel(
+    CNT, SX, ST, M2, CX, nb, C, W, BIAS, eps,
+    MEAN, RSTD, MT, S, A, B, D, E,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Combine the per-block partials (Chan) and emit the statistics and apply coefficients."""
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < C
+    n_tot = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sx_tot = tl.zeros([BLOCK_C], dtype=tl.float32)
+    st_tot = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, nb, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mr = rows < nb
+        m = mr[:, None] & mc[None, :]
+        cnt = tl.load(CNT + rows, mask=mr, other=0.0)
+        idx = rows[:, None].to(tl.int64) * C + offs_c[None, :]
+        n_tot += tl.sum(tl.where(m, cnt[:, None], 0.0), axis=0)
+        sx_tot += tl.sum(tl.load(SX + idx, mask=m, other=0.0), axis=0)
+        st_tot += tl.sum(tl.load(ST + idx, mask=m, other=0.0), axis=0)
+    n_tot = tl.where(mc, n_tot, 1.0)
+    mean = sx_tot / n_tot
+    mt = st_tot / n_tot
+    m2_tot = tl.zeros([BLOCK_C], dtype=tl.float32)
+    cx_tot = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, nb, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mr = rows < nb
+        m = mr[:, None] & mc[None, :]
+        cnt = tl.load(CNT + rows, mask=mr, other=1.0)
+        idx = rows[:, None].to(tl.int64) * C + offs_c[None, :]
+        sx = tl.load(SX + idx, mask=m, other=0.0)
+        st = tl.load(ST + idx, mask=m, other=0.0)
+        dm = tl.where(m, sx / cnt[:, None] - mean[None, :], 0.0)
+        m2_tot += tl.sum(tl.load(M2 + idx, mask=m, other=0.0) + cnt[:, None] * dm * dm, axis=0)
+        cx_tot += tl.sum(tl.load(CX + idx, mask=m, other=0.0) + dm * st, axis=0)
+    var = m2_tot / n_tot
+    rstd = 1.0 / tl.sqrt(var + eps)
+    s = cx_tot / n_tot * rstd
+    if HAS_W:
+        gam = tl.load(W + offs_c, mask=mc, other=1.0).to(tl.float32)
+    else:
+        gam = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_B:
+        bet = tl.load(BIAS + offs_c, mask=mc, other=0.0).to(tl.float32)
+    else:
+        bet = tl.zeros([BLOCK_C], dtype=tl.float32)
+    a = gam * rstd
+    b = bet - a * mean
+    d = -a * rstd * s
+    e = -d * mean - a * mt
+    tl.store(MEAN + offs_c, mean, mask=mc)
+    tl.store(RSTD + offs_c, rstd, mask=mc)
+    tl.store(MT + offs_c, mt, mask=mc)
+    tl.store(S + offs_c, s, mask=mc)
+    tl.store(A + offs_c, a, mask=mc)
+    tl.store(B + offs_c, b, mask=mc)
+    tl.store(D + offs_c, d, mask=mc)
+    tl.store(E + offs_c, e, mask=mc)
+
+
+@triton.jit(do_not_specialize=["nb", "C"])
+def _finalize_bwd_kernel(
+    SG, SGX, SGT, SGTX, SGTT, nb, C, count,
+    RSTD, MT, S, W,
+    K1, K2, K3, KX, K0, K7, K8, GW, GB,
+    HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Sum the backward partials; emit the apply coefficients and the gamma/beta gradients."""
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < C
+    sg = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sgx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sgt = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sgtx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sgtt = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r0 in range(0, nb, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        m = (rows < nb)[:, None] & mc[None, :]
+        idx = rows[:, None].to(tl.int64) * C + offs_c[None, :]
+        sg += tl.sum(tl.load(SG + idx, mask=m, other=0.0), axis=0)
+        sgx += tl.sum(tl.load(SGX + idx, mask=m, other=0.0), axis=0)
+        sgt += tl.sum(tl.load(SGT + idx, mask=m, other=0.0), axis=0)
+        sgtx += tl.sum(tl.load(SGTX + idx, mask=m, other=0.0), axis=0)
+        sgtt += tl.sum(tl.load(SGTT + idx, mask=m, other=0.0), axis=0)
+    rstd = tl.load(RSTD + offs_c, mask=mc, other=0.0)
+    mt = tl.load(MT + offs_c, mask=mc, other=0.0)
+    s = tl.load(S + offs_c, mask=mc, other=0.0)
+    if HAS_W:
+        gam = tl.load(W + offs_c, mask=mc, other=1.0).to(tl.float32)
+    else:
+        gam = tl.full([BLOCK_C], 1.0, tl.float32)
+    gm = sg / count
+    gxh = sgx * rstd / count
+    gtm = sgt / count
+    gtxh = sgtx * rstd / count
+    gtt = sgtt / count
+    T = gtt - gtm * mt - gtxh * s
+    gr = gam * rstd
+    gr2 = gr * rstd
+    tl.store(K1 + offs_c, gr, mask=mc)
+    tl.store(K2 + offs_c, -gr2 * s, mask=mc)
+    tl.store(K3 + offs_c, -gr2 * gtxh, mask=mc)
+    tl.store(KX + offs_c, (-gr * gxh + 2.0 * gr2 * s * gtxh - gr2 * T) * rstd, mask=mc)
+    tl.store(K0 + offs_c, -gr * gm + gr2 * s * gtm + gr2 * gtxh * mt, mask=mc)
+    tl.store(K7 + offs_c, -gr2 * gtxh, mask=mc)
+    tl.store(K8 + offs_c, -gr * gtm, mask=mc)
+    tl.store(GW + offs_c, sgx * rstd + count * rstd * T, mask=mc)
+    tl.store(GB + offs_c, sg, mask=mc)

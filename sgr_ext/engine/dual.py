@@ -48,10 +48,11 @@ __all__ = ["Dual", "pack", "run_module", "dual_loss", "DualBatchNorm", "frozen_n
 class Dual:
     """A primal/tangent pair stored as one ``(2, *shape)`` tensor ``P``."""
 
-    __slots__ = ("P",)
+    __slots__ = ("P", "parts")
 
-    def __init__(self, P: torch.Tensor):
+    def __init__(self, P: torch.Tensor, parts: Optional[tuple] = None):
         self.P = P
+        self.parts = parts  # (primal, tangent) as separate tensors, when built by ``pack``
 
     @property
     def primal(self) -> torch.Tensor:
@@ -83,7 +84,7 @@ def pack(primal: torch.Tensor, tangent: torch.Tensor) -> Dual:
     tangent = tangent.to(primal.dtype)
     if tangent.shape != primal.shape:
         tangent = tangent.expand(primal.shape)
-    return Dual(torch.stack([primal, tangent]))
+    return Dual(torch.stack([primal, tangent]), parts=(primal, tangent))
 
 
 def _pd(dim: int, ndim: int) -> int:
@@ -127,7 +128,15 @@ def _blocks(C: int, P: int) -> tuple[int, int]:
     return bp, bc
 
 
-def _triton_stats_fwd(z: torch.Tensor):
+def _finalize_blocks(C: int) -> tuple[int, int]:
+    import triton
+
+    bc = min(triton.next_power_of_2(C), 128)
+    return max(1, 2048 // bc), bc
+
+
+def _triton_stats_fwd(z: torch.Tensor, weight, bias, eps: float):
+    """(mean, rstd, mt, s, a, b, d, e): per-channel float32 statistics and apply coefficients."""
     import triton
 
     from sgr_ext.engine import _dual_bn_kernels as K
@@ -135,22 +144,22 @@ def _triton_stats_fwd(z: torch.Tensor):
     z3 = _as3d(z)
     n, C, S = z3.shape[0] // 2, z3.shape[1], z3.shape[2]
     bp, bc = _blocks(C, n * S)
-    grid = (triton.cdiv(C, bc), triton.cdiv(n * S, bp))
+    grid = (triton.cdiv(n * S, bp), triton.cdiv(C, bc))
     f32 = dict(dtype=torch.float32, device=z.device)
-    cnt = torch.empty(grid[1], **f32)
-    sx, st, m2, cx = (torch.empty(grid[1], C, **f32) for _ in range(4))
+    cnt = torch.empty(grid[0], **f32)
+    parts = torch.empty(4, grid[0], C, **f32)
     K._stats_fwd_kernel[grid](
         z3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
-        cnt, sx, st, m2, cx, BLOCK_P=bp, BLOCK_C=bc,
+        cnt, parts[0], parts[1], parts[2], parts[3], BLOCK_P=bp, BLOCK_C=bc,
     )
-    N = float(n * S)
-    mean = sx.sum(0) / N
-    mt = st.sum(0) / N
-    mj = sx / cnt[:, None]
-    dm = mj - mean
-    var = (m2.sum(0) + (cnt[:, None] * dm * dm).sum(0)) / N
-    cross = (cx.sum(0) + (dm * st).sum(0)) / N  # mean((x - mu) t)
-    return mean, var, mt, cross
+    stats = torch.empty(8, C, **f32)
+    br, bc2 = _finalize_blocks(C)
+    K._finalize_fwd_kernel[(triton.cdiv(C, bc2),)](
+        cnt, parts[0], parts[1], parts[2], parts[3], grid[0], C,
+        weight if weight is not None else stats, bias if bias is not None else stats, float(eps),
+        *stats, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=br, BLOCK_C=bc2,
+    )
+    return tuple(stats)
 
 
 def _triton_apply_fwd(z, out, a, b, d, e, relu):
@@ -161,7 +170,7 @@ def _triton_apply_fwd(z, out, a, b, d, e, relu):
     z3, o3 = _as3d(z), _as3d(out)
     n, C, S = z3.shape[0] // 2, z3.shape[1], z3.shape[2]
     bp, bc = _blocks(C, n * S)
-    grid = (triton.cdiv(C, bc), triton.cdiv(n * S, bp))
+    grid = (triton.cdiv(n * S, bp), triton.cdiv(C, bc))
     K._apply_fwd_kernel[grid](
         z3, o3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
         o3.stride(0), o3.stride(1), o3.stride(2), n * o3.stride(0),
@@ -169,22 +178,30 @@ def _triton_apply_fwd(z, out, a, b, d, e, relu):
     )
 
 
-def _triton_stats_bwd(z, g, mean, a, b, relu):
+def _triton_stats_bwd(z, g, weight, stats, relu):
+    """(k1, k2, k3, kx, k0, k7, k8, g_weight, g_bias): backward coefficients, float32."""
     import triton
 
     from sgr_ext.engine import _dual_bn_kernels as K
 
+    mean, rstd, mt, s, a, b = stats[:6]
     z3, g3 = _as3d(z), _as3d(g)
     n, C, S = z3.shape[0] // 2, z3.shape[1], z3.shape[2]
     bp, bc = _blocks(C, n * S)
-    grid = (triton.cdiv(C, bc), triton.cdiv(n * S, bp))
-    parts = [torch.empty(grid[1], C, dtype=torch.float32, device=z.device) for _ in range(5)]
+    grid = (triton.cdiv(n * S, bp), triton.cdiv(C, bc))
+    parts = torch.empty(5, grid[0], C, dtype=torch.float32, device=z.device)
     K._stats_bwd_kernel[grid](
         z3, g3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
         g3.stride(0), g3.stride(1), g3.stride(2), n * g3.stride(0),
         mean, a, b, *parts, RELU=relu, BLOCK_P=bp, BLOCK_C=bc,
     )
-    return [p.sum(0) for p in parts]
+    out = torch.empty(9, C, dtype=torch.float32, device=z.device)
+    br, bc2 = _finalize_blocks(C)
+    K._finalize_bwd_kernel[(triton.cdiv(C, bc2),)](
+        *parts, grid[0], C, float(n * S), rstd, mt, s, weight if weight is not None else rstd,
+        *out, HAS_W=weight is not None, BLOCK_R=br, BLOCK_C=bc2,
+    )
+    return tuple(out)
 
 
 def _triton_apply_bwd(z, g, gz, mean, a, b, k1, k2, k3, kx, k0, k7, k8, relu):
@@ -195,7 +212,7 @@ def _triton_apply_bwd(z, g, gz, mean, a, b, k1, k2, k3, kx, k0, k7, k8, relu):
     z3, g3, o3 = _as3d(z), _as3d(g), _as3d(gz)
     n, C, S = z3.shape[0] // 2, z3.shape[1], z3.shape[2]
     bp, bc = _blocks(C, n * S)
-    grid = (triton.cdiv(C, bc), triton.cdiv(n * S, bp))
+    grid = (triton.cdiv(n * S, bp), triton.cdiv(C, bc))
     K._apply_bwd_kernel[grid](
         z3, g3, o3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
         g3.stride(0), g3.stride(1), g3.stride(2), n * g3.stride(0),
@@ -228,20 +245,39 @@ class DualBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, weight, bias, eps: float, relu: bool):
-        with torch.autocast(z.device.type, enabled=False):
+        out, stats, triton_path = _bn_fwd(z, weight, bias, eps, relu)
+        ctx.relu, ctx.triton = relu, triton_path
+        ctx.save_for_backward(z, weight, bias, *stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, weight, bias, *stats = ctx.saved_tensors
+        gz, g_w, g_b = _bn_bwd(z, grad, weight, bias, stats, ctx.relu, ctx.triton, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        return gz, g_w, g_b, None, None
+
+
+def _bn_fwd(z, weight, bias, eps, relu, out=None):
+    """Forward of the dual BN(+ReLU): (out, stats, used_triton).
+
+    stats = (mean, rstd, mt, s, a, b, d, e), per channel: batch mean and inverse std of the
+    primal, mean of the tangent, s = mean(xh t), and the apply coefficients
+    y = a x + b, yt = a t + d x + e.
+    """
+    with torch.autocast(z.device.type, enabled=False):
+        triton_path = _use_triton(z)
+        if triton_path:
+            stats = _triton_stats_fwd(z, weight, bias, eps)
+        else:
             n, nd = z.shape[0] // 2, z.dim()
             acc = accumulate_dtype(z.dtype)
-            triton_path = _use_triton(z)
+            red = [0, *range(2, nd)]
             z2 = z.view(2, n, *z.shape[1:])
-            if triton_path:
-                mean, var, mt, cross = _triton_stats_fwd(z)
-            else:
-                red = [0, *range(2, nd)]
-                xp, xt = z2[0].to(acc), z2[1].to(acc)
-                var, mean = torch.var_mean(xp, dim=red, correction=0)
-                mt = xt.mean(red)
-                cross = ((xp - _bcast(mean, nd)) * xt).mean(red)
-                del xp, xt
+            xp, xt = z2[0].to(acc), z2[1].to(acc)
+            var, mean = torch.var_mean(xp, dim=red, correction=0)
+            mt = xt.mean(red)
+            cross = ((xp - _bcast(mean, nd)) * xt).mean(red)
+            del xp, xt
             rstd = torch.rsqrt(var + eps)
             s = cross * rstd
             gam = weight.to(acc) if weight is not None else torch.ones_like(mean)
@@ -250,33 +286,35 @@ class DualBatchNorm(torch.autograd.Function):
             b = bet - a * mean
             d = -a * rstd * s
             e = -d * mean - a * mt
-            out = torch.empty_like(z)
-            if triton_path:
-                _triton_apply_fwd(z, out, a, b, d, e, relu)
-            else:
-                _torch_apply_fwd(z, out, a, b, d, e, relu)
-        ctx.relu = relu
-        ctx.triton = triton_path
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.save_for_backward(z, weight, bias, mean, rstd, mt, s)
-        return out
+            stats = (mean, rstd, mt, s, a, b, d, e)
+        out = _bn_apply(z, stats, relu, triton_path, out)
+    return out, stats, triton_path
 
-    @staticmethod
-    def backward(ctx, grad):
-        z, weight, bias, mean, rstd, mt, s = ctx.saved_tensors
-        with torch.autocast(z.device.type, enabled=False):
-            n, nd = z.shape[0] // 2, z.dim()
+
+def _bn_apply(z, stats, relu, triton_path, out=None):
+    a, b, d, e = stats[4:]
+    out = torch.empty_like(z) if out is None else out
+    with torch.autocast(z.device.type, enabled=False):
+        if triton_path:
+            _triton_apply_fwd(z, out, a, b, d, e, relu)
+        else:
+            _torch_apply_fwd(z, out, a, b, d, e, relu)
+    return out
+
+
+def _bn_bwd(z, grad, weight, bias, stats, relu, triton_path, need_w=True, need_b=True):
+    """Backward of the dual BN(+ReLU): (grad_z, grad_weight, grad_bias)."""
+    mean, rstd, mt, s, a, b = stats[:6]
+    with torch.autocast(z.device.type, enabled=False):
+        gz = torch.empty_like(z)
+        if triton_path:
+            k1, k2, k3, kx, k0, k7, k8, g_w, g_b = _triton_stats_bwd(z, grad, weight, stats, relu)
+            _triton_apply_bwd(z, grad, gz, mean, a, b, k1, k2, k3, kx, k0, k7, k8, relu)
+        else:
             acc = mean.dtype
             count = (z.numel() // 2) // z.shape[1]
             gam = weight.to(acc) if weight is not None else torch.ones_like(mean)
-            bet = bias.to(acc) if bias is not None else torch.zeros_like(mean)
-            a = gam * rstd
-            b = bet - a * mean
-            gz = torch.empty_like(z)
-            if ctx.triton:
-                sg, sgx, sgt, sgtx, sgtt = _triton_stats_bwd(z, grad, mean, a, b, ctx.relu)
-            else:
-                sg, sgx, sgt, sgtx, sgtt = _torch_stats_bwd(z, grad, gz, mean, a, b, ctx.relu)
+            sg, sgx, sgt, sgtx, sgtt = _torch_stats_bwd(z, grad, gz, mean, a, b, relu)
             gm, gxh = sg / count, sgx * rstd / count  # mean(gy), mean(gy xh)
             gtm, gtxh, gtt = sgt / count, sgtx * rstd / count, sgtt / count
             T = gtt - gtm * mt - gtxh * s  # mean(gyt P t)
@@ -286,13 +324,104 @@ class DualBatchNorm(torch.autograd.Function):
             kx = (-gr * gxh + 2 * gr2 * s * gtxh - gr2 * T) * rstd
             k0 = -gr * gm + gr2 * s * gtm + gr2 * gtxh * mt
             k7, k8 = -gr2 * gtxh, -gr * gtm
-            if ctx.triton:
-                _triton_apply_bwd(z, grad, gz, mean, a, b, k1, k2, k3, kx, k0, k7, k8, ctx.relu)
-            else:
-                _torch_apply_bwd(z, gz, mean, k1, k2, k3, kx, k0, k7, k8)
-            g_w = (sgx * rstd + count * rstd * T).to(weight.dtype) if ctx.has_weight and ctx.needs_input_grad[1] else None
-            g_b = sg.to(bias.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gz, g_w, g_b, None, None
+            _torch_apply_bwd(z, gz, mean, k1, k2, k3, kx, k0, k7, k8)
+            g_w = sgx * rstd + count * rstd * T
+            g_b = sg
+        g_w = g_w.to(weight.dtype) if weight is not None and need_w else None
+        g_b = g_b.to(bias.dtype) if bias is not None and need_b else None
+    return gz, g_w, g_b
+
+
+def _std(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with row-major strides (``contiguous()`` keeps e.g. (4, 1, 4, 4) for a 1x1
+    kernel, which is contiguous and channels_last at once)."""
+    return t.clone(memory_format=torch.contiguous_format) if t.stride() != torch.empty(t.shape, device="meta").stride() else t
+
+
+def _cpu_1x1_strided(inp: torch.Tensor, weight: torch.Tensor, stride) -> bool:
+    return (
+        inp.device.type == "cpu"
+        and inp.dim() == 4
+        and all(k == 1 for k in weight.shape[2:])
+        and any(st > 1 for st in stride)
+    )
+
+
+def _conv_backward(grad, inp, weight, stride, padding, dilation, groups, mask):
+    """``aten.convolution_backward`` (no bias, not transposed).
+
+    CPU workaround: torch 2.x (oneDNN) corrupts the heap in the backward of a 1x1,
+    stride > 1 convolution whose input is channels_last, or whose 1x1 weight has the
+    strides ``Module.to(memory_format=torch.channels_last)`` gives it ((C, 1, C, C)); those
+    run with row-major strides.
+    """
+    if _cpu_1x1_strided(inp, weight, stride):
+        inp, grad, weight = _std(inp), _std(grad), _std(weight)
+    return torch.ops.aten.convolution_backward(
+        grad, inp, weight, None, list(stride), list(padding), list(dilation), False, [0] * (weight.dim() - 2), groups, mask
+    )
+
+
+def _conv_dtype(z: torch.Tensor) -> torch.dtype:
+    dev = z.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return z.dtype
+
+
+class DualBNReLUConv(torch.autograd.Function):
+    """conv(relu(dual_bn(z))) without saving the conv input: backward recomputes it from z.
+
+    The saved set is that of ``DualBatchNorm`` alone (its input z and per-channel stats),
+    one 2n-row activation less than BN -> ReLU -> conv. The convolution has no bias (the
+    caller adds it to the primal half) and zero padding given as integers.
+    """
+
+    @staticmethod
+    def forward(ctx, z, gamma, beta, eps, weight, stride, padding, dilation, groups):
+        cdt = _conv_dtype(z)
+        y, stats, triton_path = _bn_fwd(z, gamma, beta, eps, True)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
+        with torch.autocast(z.device.type, enabled=False):
+            out = conv(y.to(cdt), weight.to(cdt), None, stride, padding, dilation, groups)
+        del y
+        ctx.cdt, ctx.triton = cdt, triton_path
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.save_for_backward(z, gamma, beta, weight, *stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, gamma, beta, weight, *stats = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        y = _bn_apply(z, stats, True, ctx.triton)
+        with torch.autocast(z.device.type, enabled=False):
+            w = weight.to(ctx.cdt)
+            g_y, g_w, _ = _conv_backward(
+                grad.to(ctx.cdt), y.to(ctx.cdt), w, stride, padding, dilation, groups, [True, ctx.needs_input_grad[4], False]
+            )
+        del y
+        gz, g_gamma, g_beta = _bn_bwd(
+            z, g_y.to(z.dtype), gamma, beta, stats, True, ctx.triton, ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        )
+        g_w = None if g_w is None else g_w.to(weight.dtype)
+        return gz, g_gamma, g_beta, None, g_w, None, None, None, None
+
+
+def _fusable_conv(m: nn.Module) -> bool:
+    return (
+        isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+    )
+
+
+def _bn_relu_conv(bn: nn.Module, conv: nn.Module, x):
+    """BN(train) -> ReLU -> conv on a dual value, with the conv input recomputed in backward."""
+    if not isinstance(x, Dual) or not _batch_stats(bn):
+        return _call_module(conv, (_rule_batchnorm(bn, x, relu=True),), {})
+    out = DualBNReLUConv.apply(x.z, bn.weight, bn.bias, bn.eps, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return Dual(_with_bias(Dual.from_z(out).P, conv.bias, 1))
 
 
 def _torch_apply_fwd(z, out, a, b, d, e, relu):
@@ -389,10 +518,11 @@ def _rule_batchnorm(m, x, *, relu: bool = False):
 # --------------------------------------------------------------------------- elementwise
 
 
-def _relu(x):
+def _relu(x, inplace: bool = False):
     if not isinstance(x, Dual):
         return torch.relu(x)
-    return Dual(x.P * (x.primal > 0))
+    mask = x.primal > 0
+    return Dual(x.P.mul_(mask) if inplace else x.P * mask)
 
 
 def _unary(f: Callable, fprime: Callable):
@@ -481,7 +611,45 @@ def _with_bias(P: torch.Tensor, bias: Optional[torch.Tensor], channel_dim: int) 
 def _rule_conv(m, x):
     if not isinstance(x, Dual):
         return m(x)
-    return Dual(_with_bias(Dual.from_z(m._conv_forward(x.z, m.weight, None)).P, m.bias, 1))
+    if x.parts is not None and _fusable_conv(m):
+        out = DualInputConv.apply(x.parts[0], x.parts[1], m.weight, m.stride, m.padding, m.dilation, m.groups)
+    else:
+        out = m._conv_forward(x.z, m.weight, None)
+    return Dual(_with_bias(Dual.from_z(out).P, m.bias, 1))
+
+
+class DualInputConv(torch.autograd.Function):
+    """conv of the packed [primal; tangent] batch, saving the two halves as given (the primal
+    is the block input the caller holds anyway) instead of the packed copy."""
+
+    @staticmethod
+    def forward(ctx, p, t, weight, stride, padding, dilation, groups):
+        cdt = _conv_dtype(p)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
+        with torch.autocast(p.device.type, enabled=False):
+            z, w = torch.cat([p, t]).to(cdt), weight.to(cdt)
+            if _cpu_1x1_strided(z, w, stride):  # see _conv_backward
+                z, w = _std(z), _std(w)
+            out = conv(z, w, None, stride, padding, dilation, groups)
+            del z
+        ctx.cdt, ctx.conv = cdt, (stride, padding, dilation, groups)
+        ctx.save_for_backward(p, t, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, t, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need_in = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(p.device.type, enabled=False):
+            g_in, g_w, _ = _conv_backward(
+                grad.to(ctx.cdt), torch.cat([p, t]).to(ctx.cdt), weight.to(ctx.cdt), stride, padding, dilation, groups,
+                [need_in, ctx.needs_input_grad[2], False],
+            )
+        gp = gt = None
+        if g_in is not None:
+            gp, gt = g_in[: p.shape[0]].to(p.dtype), g_in[p.shape[0] :].to(t.dtype)
+        return gp, gt, None if g_w is None else g_w.to(weight.dtype), None, None, None, None
 
 
 def _linear(x, weight, bias=None):
@@ -519,7 +687,20 @@ def _rule_per_sample(m, x, *args, **kwargs):
         return x
     if isinstance(m, nn.Flatten):
         return Dual(x.P.flatten(_pd(m.start_dim, x.ndim), _pd(m.end_dim, x.ndim)))
+    if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+        k = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}[type(m)]
+        size = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,) * k
+        if all(o == 1 for o in size) and x.ndim == k + 2:
+            return _global_avg(x, k)
     return Dual.from_z(m(x.z))
+
+
+def _global_avg(x: "Dual", k: int) -> "Dual":
+    """Mean over the last k dims, keepdim, as sum * (1/N): the backward of a sum is an
+    expanded view, so the layer before gets a stride-0 gradient instead of a new tensor."""
+    dims = tuple(range(x.P.dim() - k, x.P.dim()))
+    count = math.prod(x.P.shape[-k:])
+    return Dual(x.P.sum(dims, keepdim=True) * (1.0 / count))
 
 
 def _rule_dropout(m, x):
@@ -757,9 +938,15 @@ def _fn_reduce(fn_name):
             return getattr(torch, fn_name)(x, dim=dim, keepdim=keepdim, dtype=dtype)
         kw = {} if dtype is None else {"dtype": dtype}
         if dim is None:
-            return Dual(getattr(x.P.flatten(1), fn_name)(1, **kw))
-        dims = tuple(_pd(d, x.ndim) for d in (dim if isinstance(dim, (tuple, list)) else (dim,)))
-        return Dual(getattr(x.P, fn_name)(dims, keepdim=keepdim, **kw))
+            flat = x.P.flatten(1)
+            dims = (1,)
+        else:
+            flat = x.P
+            dims = tuple(_pd(d, x.ndim) for d in (dim if isinstance(dim, (tuple, list)) else (dim,)))
+        out = flat.sum(dims, keepdim=keepdim if dim is not None else False, **kw)
+        if fn_name == "mean":  # sum * (1/N): backward is an expanded view, not a new tensor
+            out = out * (1.0 / math.prod(flat.shape[d] for d in dims))
+        return Dual(out)
 
     return rule
 
@@ -977,22 +1164,84 @@ def _method(x: Dual, name: str, args, kwargs):
 # --------------------------------------------------------------------------- fallback
 
 
+def _norm_affine(y, weight, bias, shape):
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
+
+
+def _batch_norm_composite(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    if not training and running_mean is not None and running_var is not None:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps)
+    dims = [0, *range(2, x.dim())]
+    mean = x.mean(dims, keepdim=True)
+    xc = x - mean
+    var = (xc * xc).mean(dims, keepdim=True)
+    if training and running_mean is not None:  # not reached under frozen_norm_stats
+        with torch.no_grad():
+            n = x.numel() / x.shape[1]
+            p_mean, p_var = fwAD.unpack_dual(mean)[0].flatten(), fwAD.unpack_dual(var)[0].flatten()
+            running_mean.mul_(1 - momentum).add_(momentum * p_mean)
+            running_var.mul_(1 - momentum).add_(momentum * p_var * n / max(n - 1, 1))
+    return _norm_affine(xc * torch.rsqrt(var + eps), weight, bias, [1, -1] + [1] * (x.dim() - 2))
+
+
+def _layer_norm_composite(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = x.mean(dims, keepdim=True)
+    xc = x - mean
+    var = (xc * xc).mean(dims, keepdim=True)
+    return _norm_affine(xc * torch.rsqrt(var + eps), weight, bias, list(normalized_shape))
+
+
+def _group_norm_composite(x, num_groups, weight=None, bias=None, eps=1e-5):
+    n, c = x.shape[:2]
+    g = x.reshape(n, num_groups, -1)
+    mean = g.mean(-1, keepdim=True)
+    gc = g - mean
+    var = (gc * gc).mean(-1, keepdim=True)
+    y = (gc * torch.rsqrt(var + eps)).reshape(x.shape)
+    return _norm_affine(y, weight, bias, [1, -1] + [1] * (x.dim() - 2))
+
+
+def _softmax_composite(x, dim, dtype=None, log=False):
+    if dtype is not None:
+        x = x.to(dtype)
+    shifted = x - x.detach().amax(dim, keepdim=True)
+    logp = shifted - torch.log(torch.exp(shifted).sum(dim, keepdim=True))
+    return logp if log else torch.exp(logp)
+
+
+_SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax}
+_LOG_SOFTMAX = {torch.log_softmax, F.log_softmax, torch.Tensor.log_softmax}
+
+
 class _SafeForwardAD(TorchFunctionMode):
-    """Forward-AD formulas of a few ops break a later backward (in-place updates of saved
-    outputs, e.g. softmax); route those ops to composites that work in both modes."""
+    """Inside the forward-AD fallback, route ops whose forward-AD formulas do not survive a
+    later reverse pass to composites of elementary ops:
+
+    - batch_norm (batch statistics), layer_norm, group_norm: their tangent formulas use the
+      saved mean / inverse std, which are non-differentiable outputs, so a backward through
+      the tangent silently misses the statistics' dependence on the input (wrong gradients);
+    - softmax / log_softmax: their formulas update a saved output in place (backward fails).
+    """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in (torch.softmax, F.softmax, torch.Tensor.softmax, torch.log_softmax, F.log_softmax, torch.Tensor.log_softmax):
+        if func is F.batch_norm:
+            return _batch_norm_composite(*args, **kwargs)
+        if func is F.layer_norm:
+            return _layer_norm_composite(*args, **kwargs)
+        if func is F.group_norm:
+            return _group_norm_composite(*args, **kwargs)
+        if func in _SOFTMAX or func in _LOG_SOFTMAX:
             x = args[0]
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
-            dtype = kwargs.get("dtype")
-            if dtype is not None:
-                x = x.to(dtype)
-            shifted = x - x.detach().amax(dim, keepdim=True)
-            lse = torch.log(torch.exp(shifted).sum(dim, keepdim=True))
-            logp = shifted - lse
-            return logp if "log" in getattr(func, "__name__", "") else torch.exp(logp)
+            if dim is None:
+                return func(*args, **kwargs)
+            return _softmax_composite(x, dim, kwargs.get("dtype"), log=func in _LOG_SOFTMAX)
         return func(*args, **kwargs)
 
 
@@ -1054,6 +1303,31 @@ class _Program:
             (user,) = node.users
             if _is_relu_node(user, root) and user.args and user.args[0] is node and len(user.all_input_nodes) == 1:
                 self.fuse[node] = user
+        # BN -> ReLU -> conv (the ReLU feeding only the conv): recompute the conv input
+        self.fuse_conv: dict[fx.Node, fx.Node] = {}
+        for bn, relu in self.fuse.items():
+            if len(relu.users) != 1:
+                continue
+            (user,) = relu.users
+            if (
+                user.op == "call_module"
+                and len(user.args) == 1
+                and user.args[0] is relu
+                and not user.kwargs
+                and _fusable_conv(root.get_submodule(user.target))
+            ):
+                self.fuse_conv[bn] = user
+        # a ReLU whose input is a fresh sum used nowhere else can run in place
+        self.inplace_relu: set = set()
+        for node in self.nodes:
+            if not _is_relu_node(node, root) or not node.args or not isinstance(node.args[0], fx.Node):
+                continue
+            src = node.args[0]
+            if len(src.users) == 1 and (
+                (src.op == "call_function" and src.target in (operator.add, operator.iadd, torch.add))
+                or (src.op == "call_method" and src.target in ("add", "__add__"))
+            ):
+                self.inplace_relu.add(node)
 
 
 _PROGRAMS: "weakref.WeakKeyDictionary[nn.Module, Optional[_Program]]" = weakref.WeakKeyDictionary()
@@ -1104,15 +1378,24 @@ def run_module(module: nn.Module, x: Dual):
             if node.op == "call_module":
                 sub = module.get_submodule(node.target)
                 relu_user = prog.fuse.get(node)
-                if relu_user is not None and len(args) == 1 and not kwargs:
+                conv_user = prog.fuse_conv.get(node)
+                if conv_user is not None and len(args) == 1 and not kwargs:
+                    env[conv_user] = _bn_relu_conv(sub, module.get_submodule(conv_user.target), args[0])
+                    skip.update((relu_user, conv_user))
+                    env[node] = None
+                elif relu_user is not None and len(args) == 1 and not kwargs:
                     env[relu_user] = _rule_batchnorm(sub, args[0], relu=True)
                     skip.add(relu_user)
                     env[node] = None
+                elif node in prog.inplace_relu and len(args) == 1 and isinstance(args[0], Dual):
+                    env[node] = _relu(args[0], inplace=True)
                 else:
                     env[node] = _call_module(sub, args, kwargs)
             elif node.op == "call_function":
                 if not _has_dual((args, kwargs)):
                     env[node] = node.target(*args, **kwargs)
+                elif node in prog.inplace_relu and isinstance(args[0], Dual):
+                    env[node] = _relu(args[0], inplace=True)
                 else:
                     rule = FUNCTION_RULES.get(node.target)
                     env[node] = rule(*args, **kwargs) if rule is not None else _fallback(node.target, args, kwargs)
@@ -1136,7 +1419,8 @@ def dual_loss(logits: Dual, y: torch.Tensor, loss_fn) -> tuple[torch.Tensor, tor
 
     Closed form for the default ``F.cross_entropy`` (mean reduction):
     l_dot = mean_i <softmax(z_i) - onehot(y_i), t_i>, accumulated in float32/float64.
-    Any other ``loss_fn`` goes through forward-mode AD.
+    Any other ``loss_fn``: l_dot = <dl/dz, t> with dl/dz from a create_graph backward
+    through the loss alone (the logits are small; no graph through the network).
     """
     if not isinstance(logits, Dual):
         raise TypeError(f"head output: expected a tensor depending on the block input, got {type(logits).__name__}")
@@ -1148,12 +1432,16 @@ def dual_loss(logits: Dual, y: torch.Tensor, loss_fn) -> tuple[torch.Tensor, tor
         prob = torch.softmax(pf, dim=1)
         ldot = ((prob * tf).sum(dim=1) - tf.gather(1, y.view(-1, 1)).squeeze(1)).mean()
         return loss, ldot
-    with fwAD.dual_level():
-        out = loss_fn(fwAD.make_dual(p, t), y)
-        loss, ldot = fwAD.unpack_dual(out)
-    if ldot is None:
-        ldot = torch.zeros((), dtype=loss.dtype, device=loss.device)
-    return loss, ldot
+    if not p.requires_grad:
+        p = p.detach().requires_grad_(True)
+    loss = loss_fn(p, y)
+    if not loss.requires_grad:
+        return loss, torch.zeros((), dtype=loss.dtype, device=loss.device)
+    (gz,) = torch.autograd.grad(loss, p, create_graph=True, allow_unused=True)
+    if gz is None:
+        return loss, torch.zeros((), dtype=loss.dtype, device=loss.device)
+    acc = accumulate_dtype(p.dtype)
+    return loss, (gz.to(acc) * t.to(acc)).sum()
 
 
 # --------------------------------------------------------------------------- BN statistics

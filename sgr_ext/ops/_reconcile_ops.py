@@ -217,10 +217,16 @@ def double_backward(
         nz = na > 0
         na_s = torch.where(nz, na, torch.ones_like(na))  # safe: no inf/nan in the unused branch
         den = na * nd + eps
-        alpha = -1.0 / den
-        k = torch.where(nz, nd / (den * den * na_s), torch.zeros_like(na))
-        beta = k * s
-        c = torch.where(nz, s * nd * (2.0 * nd / (den * na_s) + 1.0 / (na_s * na_s)) / (den * den * na_s), torch.zeros_like(na))
-        d_g = (alpha * p + beta * q).sum() / B
-        d_a = (gs / B) * (beta * gg2 + (k * q) * d2 + (k * p - c * q) * a2)
+        # The formulas above, regrouped into bounded factors (s/den ~ cos, nd/den ~ 1/|a|,
+        # q/|a| ~ |gg|, a/|a| unit) so that no intermediate over- or underflows where the
+        # forward does not (k = |d| / (den^2 |a|) itself overflows float32 from |a| ~ 1e7).
+        inv_na = torch.where(nz, 1.0 / na_s, torch.zeros_like(na))
+        u = nd / den
+        cs = s / den
+        qh = q * inv_na
+        pd = p / den
+        ah = a2 * inv_na
+        beta = cs * u * inv_na
+        d_g = (beta * q - pd).sum() / B  # alpha p + beta q
+        d_a = (gs / B) * (beta * gg2 + (u * qh) * (d2 / den) + (u * pd - cs * u * (2.0 * u + inv_na) * qh) * ah)
     return d_g.to(g.dtype).reshape(g.shape), d_a.to(a.dtype).reshape(a.shape)

@@ -71,6 +71,9 @@ FUSED_MIN_LOGITS = 1 << 22
 FP32_DW_MAX_BYTES = 32 << 20
 # budget of the float32/float64 working buffers of the (chunked) double backward
 DOUBLE_BACKWARD_CHUNK_BYTES = 64 << 20
+# CUDA: 2 runs each chunk's dx GEMM on a side stream, concurrently with its dW GEMM (no
+# extra memory; benchmarks/gpu_linear_ce.py times both: "sgr_ext_triton_2streams")
+GRAD_GEMM_STREAMS = 1
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -167,6 +170,16 @@ def _logits(xc: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> 
     return torch.addmm(bias, xc, weight.t(), out=out)
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[key]
+
+
 def fused_forward(x, weight, bias, target, reduction, ignore_index, need_dx, need_dw, need_db, check_target=True):
     """Triton path forward: (loss, lse, dx, dw, db); gradients for grad_out = 1 when need_*."""
     k = _triton()
@@ -190,22 +203,35 @@ def fused_forward(x, weight, bias, target, reduction, ignore_index, need_dx, nee
         loss_rows = torch.empty(n, dtype=acc, device=dev)
     else:  # the kernel adds each row's loss to one float64 scalar (no per-row buffer)
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    # the target check: a flag computed on the device now, read (one host sync) once the
+    # first chunk is queued, so the sync costs almost no GPU idle time; the kernels
+    # tolerate out-of-range targets in the meantime
+    bad_flag = k.check_targets(target, v, ignore_index) if check_target else None
     dx = torch.empty_like(x) if need_dx else _empty(x)
     dw_dtype = weight.dtype
     if need_dw and weight.dtype != acc and v * h * 4 <= FP32_DW_MAX_BYTES:
         dw_dtype = acc
     dw = torch.empty((v, h), dtype=dw_dtype, device=dev) if need_dw else _empty(weight)
     db = torch.empty(v, dtype=acc, device=dev) if need_db else _empty(x)
+    side = None
+    if GRAD_GEMM_STREAMS > 1 and dev.type == "cuda" and need_dx and need_dw:
+        main, side = torch.cuda.current_stream(dev), _side_stream(dev)
+        dx_done = None
     for i in range(nchunks):
         s, e = i * rows, min(n, (i + 1) * rows)
         xc, z = x[s:e], zbuf[: e - s]
+        if side is not None and dx_done is not None:
+            main.wait_event(dx_done)  # the previous dx GEMM has read zbuf
         _logits(xc, weight, bias, z)
         k.ce_rows(z, target[s:e], loss_rows[s:e] if reduction == "none" else loss_sum, lse[s:e], scale, ignore_index)
-        if i == 0 and check_target:
-            # checked here, with the first chunk already queued, so that the host sync
-            # costs almost no GPU idle time (the kernels tolerate bad targets)
-            _check_target_range(target, v, ignore_index)
-        if need_dx:
+        if bad_flag is not None and i == 0 and bool(bad_flag):
+            _check_target_range(target, v, ignore_index)  # raises, naming a bad value
+        if side is not None:  # dx on the side stream, dW (below) on this one, concurrently
+            side.wait_event(main.record_event())
+            with torch.cuda.stream(side):
+                torch.mm(z, weight, out=dx[s:e])
+                dx_done = side.record_event()
+        elif need_dx:
             torch.mm(z, weight, out=dx[s:e])
         if need_dw:
             _mm_acc(z.t(), xc, dw, accumulate=i > 0)
@@ -214,6 +240,8 @@ def fused_forward(x, weight, bias, target, reduction, ignore_index, need_dx, nee
                 torch.sum(z, dim=0, dtype=acc, out=db)
             else:
                 db.add_(z.sum(dim=0, dtype=acc))
+    if side is not None:
+        main.wait_event(dx_done)  # dx is complete, zbuf is free
     del zbuf
     if reduction == "none":
         loss = loss_rows

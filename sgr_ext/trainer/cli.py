@@ -11,13 +11,18 @@ import sys
 import types
 
 from sgr_ext.trainer import archs
-from sgr_ext.trainer.loop import AUGMENTS, DEFAULT_LAM, METHODS, OPTIMIZERS, SCHEDULES, TrainConfig, TrainingDiverged
+from sgr_ext.trainer.loop import (AUGMENTS, DEFAULT_LAM, GRADS, METHODS, OPTIMIZERS, PARALLEL, SCHEDULES, TrainConfig,
+                                  TrainingDiverged)
 
 EXAMPLES = """examples:
   sgr-ext train --arch resnet32 --modules 8 --method sgr --lam 0.1 --data .data/cifar10_subset.npz --out runs/r32-k8-sgr
   sgr-ext train --method local --modules 16 --data /path/to/cifar10 --epochs 30 --amp --out runs/r32-k16-local
   sgr-ext train --method bp --data digits --epochs 5 --out runs/bp
   sgr-ext train --out runs/r32-k8-sgr --resume          # continue from runs/r32-k8-sgr/checkpoint.pt
+  sgr-ext train --method sgr --grad forward --num-tangents 4 --data digits --arch digits_cnn --out runs/fg
+  torchrun --standalone --nproc_per_node 2 -m sgr_ext.cli train --arch resnet32 --modules 8 --out runs/dp
+  torchrun --standalone --nproc_per_node 4 -m sgr_ext.cli train --parallel module --modules 8 \\
+      --placement 3,2,2,1 --micro-batches 8 --out runs/mp
 """
 
 
@@ -49,6 +54,19 @@ def _float(lo: float = 0.0, strict: bool = False):
     return parse
 
 
+def _placement(text: str) -> list[int]:
+    try:
+        counts = [int(c) for c in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"expected blocks per rank as integers >= 1, e.g. 3,2,3, got {text!r}")
+    return counts
+
+
+_placement.__name__ = "placement"
+
+
 def _one_line_error(self, message: str):
     """argparse errors as one line (no usage block), exit status 2."""
     self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -78,6 +96,12 @@ def register(subparsers) -> None:
                    help="ramp lambda linearly from 0 over this many epochs (default 0: off)")
     g.add_argument("--image-size", type=_int_at_least(1), default=None,
                    help="resize inputs to this side on the device (default: the data's, rounded up to the patch size)")
+    g.add_argument("--grad", default=d.grad, choices=GRADS,
+                   help="backward: module-local backprop; forward: BP-free, every gradient (and SGR's D_k, A_k) "
+                   "estimated with forward gradients and activity perturbation (local/sgr only) (default %(default)s)")
+    g.add_argument("--num-tangents", type=_int_at_least(1), default=d.num_tangents, metavar="N",
+                   help="--grad forward: random tangents averaged per estimate (cost and 1/variance grow with N) "
+                   "(default %(default)s)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_int_at_least(1), default=d.epochs, help="(default %(default)s)")
@@ -102,6 +126,21 @@ def register(subparsers) -> None:
     g.add_argument("--train-subset", type=_int_at_least(2), default=None, metavar="N", help="use the first N training images")
     g.add_argument("--test-subset", type=_int_at_least(1), default=None, metavar="N", help="use the first N test images")
 
+    g = p.add_argument_group(
+        "distributed (under torchrun)",
+        "launch with e.g. 'torchrun --standalone --nproc_per_node N -m sgr_ext.cli train ...'; --batch-size is "
+        "the global batch; only the logging rank writes files")
+    g.add_argument("--parallel", default=d.parallel, choices=PARALLEL,
+                   help="data: every rank trains the whole model on its shard of each batch (DDP for bp); module: "
+                   "rank r trains a contiguous group of blocks, pipelined over micro-batches (local/sgr only); "
+                   "auto: data when WORLD_SIZE > 1, else none (default %(default)s)")
+    g.add_argument("--micro-batches", type=_int_at_least(1), default=d.micro_batches, metavar="M",
+                   help="module parallel: micro-batches per batch (default %(default)s)")
+    g.add_argument("--placement", type=_placement, default=None, metavar="3,2,3",
+                   help="module parallel: blocks per rank, summing to --modules (default: as even as possible)")
+    g.add_argument("--dist-timeout", type=_float(0.0, strict=True), default=d.dist_timeout, metavar="SECONDS",
+                   help="a rank that waits this long for another one stops with an error (default %(default)g)")
+
     g = p.add_argument_group("run")
     g.add_argument("--out", default=d.out, help="run directory (default %(default)s)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
@@ -122,6 +161,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     cfg = TrainConfig.from_namespace(args)
+    from sgr_ext.distributed import PeerError
     from sgr_ext.trainer.loop import train
 
     try:
@@ -129,6 +169,11 @@ def run(args) -> int:
     except TrainingDiverged as exc:
         print(f"sgr-ext train: training diverged: {exc} (try a smaller --lr or --lam)", file=sys.stderr)
         return 1
+    except PeerError as exc:
+        print(f"sgr-ext train: distributed error: {exc}", file=sys.stderr)
+        return 1
+    if not res.get("distributed", {}).get("logging_rank", True):
+        return 0  # the logging rank reports
     status = "finished" if res["complete"] else f"stopped after epoch {res['epochs_done']} (continue with --resume)"
     acc = res["final_test_acc"]
     acc_txt = f"{100 * acc:.2f}%" if acc is not None else "n/a"

@@ -4,6 +4,13 @@
 dict also written to ``<out>/results.json``. With ``dataset=`` a preloaded (device)
 ``TensorDataset`` is reused, which the study runner does to train many configurations
 in one process.
+
+Under ``torchrun`` (``sgr_ext.distributed.setup_from_env``) the run is data parallel
+(``DataParallelLocalNet``; DDP for global BP) or module parallel (``PipelineStage``): every
+rank builds the same model from the same seed and reads the same global batches in the
+same order with the same augmentation (the generators are seeded from ``cfg.seed`` and
+the epoch only); only the logging rank (``runner.is_logging_rank``) writes files, prints
+or shows a progress bar. Evaluation is sharded over the ranks (counts all-reduced).
 """
 from __future__ import annotations
 
@@ -26,7 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgr_ext import _checks
+from sgr_ext import distributed as sgr_dist
 from sgr_ext.data import TensorDataset
+from sgr_ext.memory import PeakMemory
 from sgr_ext.net import LocalNet, NonFiniteError
 from sgr_ext.split import model_units, split
 from sgr_ext.trainer import archs, checkpoint, metrics
@@ -37,6 +46,8 @@ METHODS = ("bp", "local", "sgr", "sgr-fast")
 SCHEDULES = ("onecycle", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 AUGMENTS = ("auto", "crop-flip", "flip", "none")
+GRADS = ("backward", "forward")
+PARALLEL = ("auto", "none", "data", "module")
 DEFAULT_LAM = 0.1
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -44,8 +55,10 @@ CHECKPOINT_NAME = "checkpoint.pt"
 _RESUME_KEYS = (
     "arch", "modules", "method", "distance", "lam_warmup", "epochs", "batch_size", "lr",
     "optimizer", "momentum", "weight_decay", "schedule", "amp", "seed", "augment", "image_size",
-    "train_subset", "test_subset", "diag_every", "log_every",
+    "train_subset", "test_subset", "diag_every", "log_every", "grad", "num_tangents",
 )
+# Keys added after the first checkpoints were written: their value in such a checkpoint.
+_RESUME_DEFAULTS = {"grad": "backward", "num_tangents": 1}
 
 
 class TrainingDiverged(FloatingPointError):
@@ -92,6 +105,13 @@ class TrainConfig:
     stop_after: Optional[int] = None  # stop after this many epochs of this invocation (resume later)
     plots: bool = True
     progress: bool = True
+    grad: str = "backward"  # "forward": BP-free forward-gradient engine (sgr_ext.engine.forward_grad)
+    num_tangents: int = 1  # grad="forward": tangent draws averaged per estimate
+    # distributed (under torchrun; ignored otherwise except for checks)
+    parallel: str = "auto"  # auto: data when WORLD_SIZE > 1, else none
+    micro_batches: int = 4  # module parallel: micro-batches per global batch
+    placement: Optional[list] = None  # module parallel: blocks per rank, e.g. [3, 2, 3]
+    dist_timeout: float = 300.0  # seconds before a missing rank is an error (PeerError)
     extra: dict = field(default_factory=dict)  # free-form tags copied into results.json
 
     @classmethod
@@ -134,6 +154,35 @@ class TrainConfig:
                 )
         if self.resume is not None and self.out is None and self.resume == "auto":
             raise ValueError("--resume: needs --out (the run directory) or a checkpoint path")
+        # BP-free training
+        _checks.choice("--grad", self.grad, GRADS)
+        _checks.positive_int("--num-tangents", self.num_tangents)
+        if self.grad == "forward" and self.method == "bp":
+            raise ValueError("--grad forward: needs a local method (--method local or sgr); --method bp is global backprop")
+        if self.grad == "forward" and self.method == "sgr-fast":
+            raise ValueError("--grad forward: use --method sgr (sgr-fast selects a backprop engine, "
+                             "which --grad forward replaces)")
+        if self.grad == "backward" and self.num_tangents != 1:
+            raise ValueError(f"--num-tangents: only applies to --grad forward, got --num-tangents {self.num_tangents} "
+                             "with --grad backward")
+        # distributed
+        _checks.choice("--parallel", self.parallel, PARALLEL)
+        _checks.positive_int("--micro-batches", self.micro_batches)
+        if not (isinstance(self.dist_timeout, (int, float)) and not isinstance(self.dist_timeout, bool)
+                and math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise ValueError(f"--dist-timeout: expected a finite number of seconds > 0, got {self.dist_timeout!r}")
+        if self.placement is not None:
+            if self.parallel != "module":
+                raise ValueError(f"--placement: only applies to --parallel module, got --parallel {self.parallel}")
+            if (not isinstance(self.placement, (list, tuple)) or not self.placement
+                    or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.placement)):
+                raise ValueError(f"--placement: expected blocks per rank as integers >= 1, e.g. 3,2,3, got {self.placement!r}")
+        if self.parallel == "module" and self.method == "bp":
+            raise ValueError("--parallel module: needs a local method (--method local/sgr); global BP cannot be "
+                             "split into independent stages (use --parallel data)")
+        if self.parallel == "module" and self.resume is not None:
+            raise ValueError("--resume: not supported with --parallel module yet (each stage's optimizer state "
+                             "lives on its own rank)")
         return self
 
     @property
@@ -152,6 +201,8 @@ class TrainConfig:
             "distance": self.distance,
             "mode": self.engine_mode,
             "track_alignment": self.method == "local",
+            "grad": self.grad,
+            "num_tangents": self.num_tangents,
         }
 
     def run_name(self) -> str:
@@ -160,6 +211,8 @@ class TrainConfig:
         tag = self.method if self.method == "local" else f"{self.method}-{self.distance}-lam{self.lam_value:g}"
         if self.lam_warmup and self.method != "local":
             tag += f"-warm{self.lam_warmup:g}"
+        if self.grad == "forward":
+            tag += "-fwdgrad" + (f"x{self.num_tangents}" if self.num_tangents > 1 else "")
         return f"{self.arch}-K{self.modules}-{tag}-s{self.seed}"
 
 
@@ -229,10 +282,22 @@ def _per_block_mean(rows: list[list[Optional[float]]]) -> list[Optional[float]]:
     return [_mean(r[k] for r in rows) for k in range(len(rows[0]))]
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, net: Optional[LocalNet], x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
              prepare, autocast) -> tuple[float, list[float]]:
     """Test accuracy of the model and of every block's head (empty list for global BP)."""
+    correct = _eval_correct(model, net, x, y, batch_size=batch_size, prepare=prepare, autocast=autocast)
+    return _accuracies(correct, len(x), net is not None)
+
+
+def _accuracies(correct: torch.Tensor, n: int, local: bool) -> tuple[float, list[float]]:
+    accs = (correct.double() / max(1, n)).tolist()
+    return accs[-1], (accs if local else [])
+
+
+@torch.no_grad()
+def _eval_correct(model: nn.Module, net: Optional[LocalNet], x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+                  prepare, autocast) -> torch.Tensor:
+    """Correctly classified samples of (x, y): per block's head (LocalNet) or of the model, on x's device."""
     trained = net if net is not None else model
     was_training = trained.training
     trained.eval()
@@ -251,8 +316,7 @@ def evaluate(model: nn.Module, net: Optional[LocalNet], x: torch.Tensor, y: torc
                         correct[k] += (block.head(h).argmax(1) == yb).sum()
     finally:
         trained.train(was_training)
-    accs = (correct.double() / max(1, n)).tolist()
-    return accs[-1], (accs if net is not None else [])
+    return correct
 
 
 def _make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -272,11 +336,12 @@ def _make_scheduler(cfg: TrainConfig, opt, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
 
 
-def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """(start, stop) of each batch; a trailing batch of one sample joins the previous one
-    (BatchNorm cannot train on a batch of one)."""
+def _batches(n: int, batch_size: int, min_last: int = 2) -> list[tuple[int, int]]:
+    """(start, stop) of each batch; a trailing batch of fewer than ``min_last`` samples joins
+    the previous one (BatchNorm cannot train on a batch of one; under data or module
+    parallelism ``min_last`` keeps every shard or micro-batch at two samples or more)."""
     bounds = [(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last:
         bounds[-2] = (bounds[-2][0], n)
         bounds.pop()
     return bounds
@@ -299,7 +364,10 @@ def _resume_path(cfg: TrainConfig) -> Optional[Path]:
 
 
 def _check_resume_compatible(cfg: TrainConfig, saved: dict, path: Path, data_fp: dict) -> None:
-    old = saved.get("config", {})
+    if saved.get("parallel") == "module":
+        raise ValueError(f"--resume {path}: the checkpoint is from a module-parallel run, which cannot be resumed yet "
+                         "(its optimizer state covers the last stage's blocks only)")
+    old = dict(_RESUME_DEFAULTS, **saved.get("config", {}))
     diffs = [f"{k}: checkpoint {old.get(k)!r} vs now {getattr(cfg, k)!r}" for k in _RESUME_KEYS
              if k in old and old.get(k) != getattr(cfg, k)]
     if "lam_value" in saved and saved["lam_value"] != cfg.lam_value:
@@ -318,20 +386,48 @@ def train(cfg: TrainConfig, dataset: Optional[TensorDataset] = None) -> dict:
 
     Raises ValueError/TypeError/FileNotFoundError for bad settings or inputs (before any
     training), ``checkpoint.CheckpointError`` for a damaged checkpoint, ``TrainingDiverged``
-    when a loss becomes NaN/Inf.
+    when a loss becomes NaN/Inf, ``sgr_ext.distributed.PeerError`` when another rank of a
+    ``torchrun`` job died or hangs (after ``cfg.dist_timeout`` seconds).
+
+    Under ``torchrun`` (RANK/WORLD_SIZE set) this joins the process group (and leaves it at
+    the end unless it was already initialised); call it on every rank with the same config.
     """
     cfg.validate()
-    device = resolve_device(cfg.device)
+    if cfg.parallel in sgr_dist.PARALLEL_MODES and not sgr_dist.launched_with_torchrun():
+        raise ValueError(f"--parallel {cfg.parallel}: needs a torchrun launch, e.g. torchrun --nproc_per_node 2 "
+                         f"-m sgr_ext.cli train --parallel {cfg.parallel} ...")
+    device = resolve_device(cfg.device)  # checks --device also under torchrun
     resume_path = _resume_path(cfg)
-    saved = checkpoint.load(resume_path) if resume_path is not None else None
-    with deterministic_mode(cfg.deterministic):
-        return _Run(cfg, device, dataset, saved, resume_path).run()
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    ctx = sgr_dist.setup_from_env(timeout_s=cfg.dist_timeout, device=cfg.device)
+    try:
+        if ctx is not None:
+            device = ctx.device
+        saved = checkpoint.load(resume_path) if resume_path is not None else None
+        with deterministic_mode(cfg.deterministic):
+            return _Run(cfg, device, dataset, saved, resume_path, ctx).run()
+    finally:
+        if ctx is not None and owns_group:
+            ctx.shutdown()
+
+
+def _resolve_parallel(cfg: TrainConfig, ctx) -> str:
+    if ctx is None:
+        return "none"
+    if cfg.parallel == "auto":
+        return "data" if ctx.world_size > 1 else "none"
+    return cfg.parallel
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, device: torch.device, dataset: Optional[TensorDataset], saved, resume_path):
+    def __init__(self, cfg: TrainConfig, device: torch.device, dataset: Optional[TensorDataset], saved, resume_path,
+                 ctx=None):
         self.cfg = cfg
         self.device = device
+        self.ctx = ctx
+        self.parallel = _resolve_parallel(cfg, ctx)
+        self.rank = ctx.rank if ctx is not None else 0
+        self.world = ctx.world_size if ctx is not None else 1
         self.out = Path(cfg.out) if cfg.out else None
         self.saved = saved
         self.resume_path = resume_path
@@ -375,9 +471,39 @@ class _Run:
             self.net.to(device)
         self.trained: nn.Module = self.net if self.net is not None else self.model
         self.trained.train()
-        self.batches = _batches(len(self.data.x_train), cfg.batch_size)
+
+        # ---- distributed: the runner steps (LocalNet, DataParallelLocalNet or PipelineStage);
+        # global BP under data parallel runs the model through DDP on this rank's shard.
+        self.runner = self.net
+        self.ddp: Optional[nn.Module] = None
+        min_last = 2
+        if self.parallel == "data":
+            if cfg.batch_size < self.world:
+                raise ValueError(f"--batch-size: a global batch of {cfg.batch_size} cannot be sharded over "
+                                 f"{self.world} ranks")
+            min_last = 2 * self.world
+            if self.net is not None:
+                self.runner = ctx.wrap(self.net, "data")
+            else:
+                from torch.nn.parallel import DistributedDataParallel
+
+                self.ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        elif self.parallel == "module":
+            self._check_placement(len(self.net.blocks))
+            min_last = 2 * cfg.micro_batches
+            self.runner = ctx.wrap(self.net, "module", micro_batches=cfg.micro_batches, placement=cfg.placement)
+        # Only this rank writes files, prints and shows progress (rank 0; the last stage for module parallel).
+        if self.parallel == "none":
+            self.is_logger = self.rank == 0
+            if self.world > 1 and self.is_logger:
+                warnings.warn(f"--parallel none under torchrun: each of the {self.world} ranks trains the same model "
+                              "on its own (rank 0 writes the results)", stacklevel=3)
+        else:
+            self.is_logger = bool(getattr(self.runner, "is_logging_rank", self.rank == 0))
+        self.batches = _batches(len(self.data.x_train), cfg.batch_size, min_last)
         self.total_steps = cfg.epochs * len(self.batches)
-        self.opt = _make_optimizer(cfg, self.trained.parameters())
+        # Module parallel: each stage's optimizer steps its own blocks only.
+        self.opt = _make_optimizer(cfg, self.runner.parameters() if self.runner is not None else self.trained.parameters())
         self.sched = _make_scheduler(cfg, self.opt, self.total_steps)
         self.history: list[dict] = []
         self.steps: list[dict] = []
@@ -387,6 +513,44 @@ class _Run:
             self._restore(saved)
 
     # ------------------------------------------------------------------ pieces
+    def _check_placement(self, n_blocks: int) -> None:
+        placement = self.cfg.placement
+        if placement is None:
+            if n_blocks < self.world:
+                raise ValueError(f"--parallel module: {n_blocks} modules cannot fill {self.world} ranks "
+                                 "(one module at least per rank; raise --modules)")
+        elif len(placement) != self.world or sum(placement) != n_blocks:
+            raise ValueError(f"--placement: expected {self.world} counts (one per rank) summing to --modules "
+                             f"{n_blocks}, got {','.join(map(str, placement))}")
+
+    def _collective(self, op, what: str, *args, **kwargs) -> None:
+        """A torch.distributed collective; a broken or timed-out one becomes PeerError."""
+        try:
+            op(*args, **kwargs)
+        except RuntimeError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise sgr_dist.PeerError(f"rank {self.rank}: {what} failed or timed out; another rank has probably died "
+                                     f"or hangs (see its log): {first}") from exc
+
+    def _sync_for_eval(self) -> None:
+        """Collective (every rank): make every rank's model the trained one before evaluation/checkpoint."""
+        if self.runner is not None and self.runner is not self.net:
+            self.runner.sync_for_eval()
+        elif self.ddp is not None:  # DDP's buffers (BatchNorm statistics) are rank 0's
+            for b in self.model.buffers():
+                self._collective(torch.distributed.broadcast, "buffer broadcast", b, src=0)
+
+    def _evaluate(self) -> tuple[float, list[float]]:
+        """Test accuracy; under torchrun each rank evaluates its slice of the test set and the counts are summed."""
+        x, y = self.data.x_test, self.data.y_test
+        kw = dict(batch_size=self.cfg.eval_batch_size, prepare=self.prepare, autocast=self.autocast)
+        if self.parallel == "none":
+            return evaluate(self.model, self.net, x, y, **kw)
+        xs, ys = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
+        correct = _eval_correct(self.model, self.net, xs, ys, **kw)
+        self._collective(torch.distributed.all_reduce, "evaluation all-reduce", correct)
+        return _accuracies(correct, len(x), self.net is not None)
+
     def autocast(self):
         if self.use_amp:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -431,6 +595,8 @@ class _Run:
     def _save_checkpoint(self, epoch: int, wall: float) -> None:
         state = {
             "format": 1,
+            "parallel": self.parallel,  # "module": the optimizer state covers the last stage only
+            "world_size": self.world,
             "config": {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "extra"},
             "dataset": self.data_fp,
             "lam_value": self.cfg.lam_value,
@@ -446,19 +612,49 @@ class _Run:
         checkpoint.save(self.out / CHECKPOINT_NAME, state)
 
     # ------------------------------------------------------------------ epoch
+    def _step(self, x, y, step: int, epoch: int, i: int, bp_loss: torch.Tensor, bp_correct: torch.Tensor):
+        """One training step's gradient work (no optimizer step): the StepStats of a LocalNet,
+        or None under global BP (whose loss and correct count accumulate into ``bp_loss``/``bp_correct``)."""
+        if self.net is None:
+            xs, ys = x, y
+            if self.ddp is not None:
+                xs, ys = sgr_dist.shard_batch(x, y, self.rank, self.world)
+            with self.autocast():
+                logits = (self.ddp if self.ddp is not None else self.model)(xs)
+                loss = F.cross_entropy(logits, ys)
+            if self.ddp is not None:
+                # DDP averages the ranks' gradients; weighting each by its shard's share of the
+                # batch makes that average the full-batch gradient also for uneven shards.
+                (loss * (len(ys) * self.world / len(y))).backward()
+            else:
+                loss.backward()
+            with torch.no_grad():
+                bp_loss += loss.detach().double() * len(ys)
+                bp_correct += (logits.argmax(1) == ys).sum()
+            return None
+        self._set_net_config(step)
+        try:
+            with self.autocast():
+                # every rank passes the same global batch (the runner shards or pipelines it)
+                return self.runner.train_step(x, y)
+        except NonFiniteError as exc:
+            raise TrainingDiverged(f"epoch {epoch + 1}, step {i + 1}: {exc}") from None
+
     def _train_epoch(self, epoch: int, bar) -> dict:
         cfg, dev = self.cfg, self.device
         n = len(self.data.x_train)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(cfg.seed, "order", epoch)))
         order = order.to(dev)
         aug_gen = torch.Generator(device=dev).manual_seed(derived_seed(cfg.seed, "augment", epoch))
+        if self.parallel == "data" and self.rank > 0:
+            # The global RNG draws the forward-gradient tangents (and dropout masks) of this rank's
+            # shard: independent across ranks; rank 0 keeps the stream that checkpoints save.
+            torch.manual_seed(derived_seed(cfg.seed, "rank", self.rank, epoch))
         n_blocks = len(self.net.blocks) if self.net is not None else 0
         losses, penalties, accs, cosines, ratios = [], [], [], [], []
         bp_loss = torch.zeros((), device=dev, dtype=torch.float64)
         bp_correct = torch.zeros((), device=dev, dtype=torch.long)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
+        peak = PeakMemory(dev)  # per step, DESIGN.md §5; on CPU the bytes saved for backward
         t0 = time.perf_counter()
         for i, (lo, hi) in enumerate(self.batches):
             step = epoch * len(self.batches) + i
@@ -470,21 +666,9 @@ class _Run:
                 x = random_crop_flip(x, padding=0, flip=True, generator=aug_gen)
             x = self.prepare(x)
             self.opt.zero_grad(set_to_none=True)
-            if self.net is None:
-                with self.autocast():
-                    logits = self.model(x)
-                    loss = F.cross_entropy(logits, y)
-                loss.backward()
-                with torch.no_grad():
-                    bp_loss += loss.detach().double() * len(y)
-                    bp_correct += (logits.argmax(1) == y).sum()
-            else:
-                self._set_net_config(step)
-                try:
-                    with self.autocast():
-                        st = self.net.train_step(x, y)
-                except NonFiniteError as exc:
-                    raise TrainingDiverged(f"epoch {epoch + 1}, step {i + 1}: {exc}") from None
+            with peak:
+                st = self._step(x, y, step, epoch, i, bp_loss, bp_correct)
+            if self.net is not None:
                 losses.append(st.losses)
                 penalties.append(st.penalties)
                 accs.append(st.accuracies)
@@ -507,6 +691,10 @@ class _Run:
         train_time = time.perf_counter() - t0
         rec: dict = {"epoch": epoch + 1, "lr": self.sched.get_last_lr()[0], "lam": self._lam_at(step)}
         if self.net is None:
+            if self.ddp is not None:  # this rank's shards only so far
+                totals = torch.stack([bp_loss, bp_correct.double()])
+                self._collective(torch.distributed.all_reduce, "statistics all-reduce", totals)
+                bp_loss, bp_correct = totals[0], totals[1]
             rec["train_loss"] = float(bp_loss) / n
             rec["train_acc"] = float(bp_correct) / n
             if not math.isfinite(rec["train_loss"]):
@@ -525,19 +713,21 @@ class _Run:
         rec["step_time_ms"] = 1000.0 * train_time / len(self.batches)
         rec["train_time_s"] = train_time
         rec["samples_per_s"] = n / train_time if train_time > 0 else None
-        rec["peak_mem_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+        rec["peak_mem_mib"] = peak.peak_mb
+        rec["memory_metric"] = peak.metric
         return rec
 
     # ------------------------------------------------------------------ main
     def run(self) -> dict:
         cfg = self.cfg
-        if self.out is not None:
+        writes = self.out is not None and self.is_logger
+        if writes:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.saved is None and cfg.checkpoint and (self.out / CHECKPOINT_NAME).exists():
                 print(f"sgr-ext train: note: {self.out / CHECKPOINT_NAME} from an earlier run will be overwritten "
                       "(pass --resume to continue it)", file=sys.stderr)
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.is_logger:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.start_epoch * len(self.batches), unit="step",
@@ -549,15 +739,15 @@ class _Run:
             for epoch in range(self.start_epoch, cfg.epochs):
                 t0 = time.perf_counter()
                 rec = self._train_epoch(epoch, bar)
-                acc, block_acc = evaluate(self.model, self.net, self.data.x_test, self.data.y_test,
-                                          batch_size=cfg.eval_batch_size, prepare=self.prepare, autocast=self.autocast)
+                self._sync_for_eval()  # collective: every rank
+                acc, block_acc = self._evaluate()
                 rec["test_acc"] = acc
                 rec["block_test_acc"] = block_acc
                 self.history.append(rec)
                 wall += time.perf_counter() - t0
                 if bar is not None:
                     bar.set_postfix(epoch=epoch + 1, loss=f"{rec['train_loss']:.3f}", test_acc=f"{acc:.4f}")
-                if self.out is not None:
+                if writes:
                     metrics.write_run_files(self.out, self.history, self.steps)
                     if cfg.checkpoint:
                         self._save_checkpoint(epoch + 1, wall)
@@ -569,13 +759,19 @@ class _Run:
             if bar is not None:
                 bar.close()
         results = self.results(wall, complete=not stopped_early)
-        if self.out is not None:
+        if writes:
             metrics.write_json(self.out / "results.json", results)
             if cfg.plots:
                 title = self.cfg.run_name()
                 metrics.plot_learning_curves(self.history, self.out / "learning_curves.png", title)
                 metrics.plot_diagnostics(self.history, self.steps, self.out / "diagnostics.png", title)
         return results
+
+    def _dist_info(self) -> dict:
+        info = {"parallel": self.parallel, "world_size": self.world, "rank": self.rank, "logging_rank": self.is_logger}
+        if self.parallel == "module":
+            info.update(micro_batches=self.cfg.micro_batches, placement=list(self.runner.placement))
+        return info
 
     def results(self, wall: float, complete: bool) -> dict:
         h = self.history
@@ -604,9 +800,11 @@ class _Run:
             "mean_cosine": _mean(last.get("cosine", [])[1:]) if last.get("cosine") else None,
             "median_step_time_ms": float(np.median(steps)) if steps else None,
             "peak_mem_mib": max(peaks) if peaks else None,
+            "memory_metric": last.get("memory_metric"),
             "params_model": model_params,
             "params_trained": trained_params,
             "blocks": len(self.net.blocks) if self.net is not None else 1,
+            "distributed": self._dist_info(),
             "wall_time_s": wall,
             "history": h,
         }
