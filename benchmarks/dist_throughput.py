@@ -160,7 +160,6 @@ def _two_proc_worker(rank, world, port, args_dict, queue):
                                           placement=args.placement, device=device)
             opt = torch.optim.SGD(runner.parameters(), lr=0.01, momentum=0.9)
             x, y = batch(shape, args.batch_size, device, seed=1)
-            times = []
             for it in range(args.warmup + args.two_proc_steps):
                 if it == args.warmup:
                     if parallel == "module":
@@ -227,7 +226,7 @@ def write_report(out: Path, rec: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rec, indent=2))
     a, B = rec["config"], rec["config"]["batch_size"]
-    lines = [f"# Data- and module-parallel local learning: throughput model and 2-process run",
+    lines = ["# Data- and module-parallel local learning: throughput model and 2-process run",
              "",
              f"{rec['date']}, {rec['device']}, torch {rec['torch']}; `{rec['command']}`",
              "",

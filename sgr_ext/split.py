@@ -172,7 +172,7 @@ def split(
     units, classifier = model_units(model)
     if isinstance(K, bool) or not isinstance(K, int):
         raise TypeError(f"K: expected an int, got {type(K).__name__}")
-    _checks.positive_int("K", K, at_most=len(units), what=f" (the number of splittable units of this model)")
+    _checks.positive_int("K", K, at_most=len(units), what=" (the number of splittable units of this model)")
     balance = _checks.choice("balance", balance, BALANCES)
     if head is not None and not callable(head):
         raise TypeError(f"head: expected None or a callable (sample_shape, num_classes) -> nn.Module, got {type(head).__name__}")

@@ -9,6 +9,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# The tests run tiny tensors on small shared CPUs, where OpenMP fork/join dominates and
+# more intra-op threads make them many times slower.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

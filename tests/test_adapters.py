@@ -11,15 +11,6 @@ from sgr_ext.heads import TokenPool, default_head, token_head
 from sgr_ext.models.vit import vit_tiny
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, more threads spin and run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def chain(blocks, x):
     for b in blocks:
         x = b(x)
@@ -75,21 +66,9 @@ def _small_tv_vit():
     return VisionTransformer(image_size=16, patch_size=8, num_layers=3, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5)
 
 
-# torch's forward-mode AD of softmax followed by backward fails ("output 0 of Exp ... modified by
-# an inplace operation"); the tangent engine ("exact") runs softmax through forward AD until it
-# has its own softmax rule. Non-strict: these pass once the engine handles softmax.
-SOFTMAX_FWAD = "tangent engine: forward-AD softmax + backward fails in torch (needs a softmax rule in engine/dual.py)"
-
-
-def _mark_attention_engine(request, mode):
-    if mode == "exact":
-        request.applymarker(pytest.mark.xfail(strict=False, reason=SOFTMAX_FWAD))
-
-
 @pytest.mark.parametrize("mode", sorted(ENGINES))
-def test_torchvision_vit_sgr_step_every_engine(mode, request):
+def test_torchvision_vit_sgr_step_every_engine(mode):
     """SGR engines differentiate attention twice or in forward mode: the adapter writes it out."""
-    _mark_attention_engine(request, mode)
     torch.manual_seed(0)
     model = _small_tv_vit()
     units, _ = torchvision_units(model)
@@ -114,8 +93,7 @@ def test_vit_tiny_split_preserves_forward():
 
 
 @pytest.mark.parametrize("mode", sorted(ENGINES))
-def test_vit_tiny_sgr_step_every_engine(mode, request):
-    _mark_attention_engine(request, mode)
+def test_vit_tiny_sgr_step_every_engine(mode):
     torch.manual_seed(0)
     net = LocalNet(split(vit_tiny(image_size=8, depth=3, dim=48), 3), lam=0.1, mode=mode)
     net.train()

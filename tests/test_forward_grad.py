@@ -27,15 +27,6 @@ from sgr_ext.engine.base import StepConfig
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add overhead (6x slower on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cfg(lam=0.0, distance="l2", n=1, per_sample=True, track=False):
     return StepConfig(lam=lam, distance=distance, eps=1e-8, loss_fn=F.cross_entropy,
                       track_alignment=track, num_tangents=n, fg_per_sample=per_sample)
@@ -229,7 +220,7 @@ def _assert_unbiased(samples, target, *wrong):
 
 
 def _samples(block, u, y, d_prev, cfg, draws):
-    grads, d_out, a_in = [], [], []
+    grads, d_out = [], []
     state = {k: v.clone() for k, v in block.state_dict().items()}
     for _ in range(draws):
         block.zero_grad(set_to_none=True)

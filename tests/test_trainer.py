@@ -23,15 +23,6 @@ TINY = dict(arch="digits_cnn", modules=2, epochs=1, batch_size=32, train_subset=
             lr=0.05, progress=False, plots=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, more threads spin and run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_npz(path: Path, n_train=48, n_test=16, size=16, channels=3, seed=0) -> Path:
     """A tiny CIFAR-like .npz: (N, H, W, C) uint8 images, int64 labels (HWC as in cifar10_subset.npz)."""
     rng = np.random.default_rng(seed)

@@ -44,14 +44,10 @@ def _register_arch():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
+def _single_process(monkeypatch):
     monkeypatch.setitem(archs.ARCHS, TEST_ARCH, archs.Arch(_mlp, 1, 1, "test only"))
     for name in ("RANK", "WORLD_SIZE"):  # these tests are the single process
         monkeypatch.delenv(name, raising=False)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cli_runs(runs):

@@ -10,14 +10,6 @@ from sgr_ext.trainer import TrainConfig, checkpoint, train
 from test_trainer import TINY, run_cli
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("method", ["local", "sgr"])
 def test_forward_grad_smoke_on_digits(method, tmp_path, monkeypatch):
     calls = []

@@ -13,6 +13,8 @@ over the N = n * S primal elements:
     backward apply  one pass: gx = k1 g + k2 gt + k3 t + kx (x - mu) + k0,
                                 gt_in = k1 gt + k7 (x - mu) + k8
 
+Sizes and strides are not specialised and tiles are fixed (16 channels x 256 rows), so
+one compiled variant per (dtype, ReLU) serves every layer and layout (short first-run JIT).
 Grid: axis 0 over blocks of the n * S rows (no 65535 limit there), axis 1 over channel
 blocks. Statistics accumulate in float32 (inputs of any float dtype except float64, which the
 torch path handles). The per-channel coefficient algebra lives in ``sgr_ext.engine.dual``.
@@ -23,7 +25,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit(do_not_specialize=["n", "C", "S", "t_off"])
+@triton.jit(do_not_specialize=["n", "C", "S", "s_n", "s_c", "s_s", "t_off"])
 def _stats_fwd_kernel(
     Z, n, C, S, s_n, s_c, s_s, t_off,
     CNT, SX, ST, M2, CX,
@@ -56,7 +58,7 @@ def _stats_fwd_kernel(
     tl.store(CNT + pid_p, cnt)
 
 
-@triton.jit(do_not_specialize=["n", "C", "S", "t_off", "o_t_off"])
+@triton.jit(do_not_specialize=["n", "C", "S", "s_n", "s_c", "s_s", "t_off", "o_n", "o_c", "o_s", "o_t_off"])
 def _apply_fwd_kernel(
     Z, OUT, n, C, S, s_n, s_c, s_s, t_off, o_n, o_c, o_s, o_t_off,
     A, B, D, E,
@@ -90,7 +92,7 @@ def _apply_fwd_kernel(
     tl.store(OUT + o_t_off + o, yt.to(OUT.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["n", "C", "S", "t_off", "g_t_off"])
+@triton.jit(do_not_specialize=["n", "C", "S", "s_n", "s_c", "s_s", "t_off", "g_n", "g_c", "g_s", "g_t_off"])
 def _stats_bwd_kernel(
     Z, G, n, C, S, s_n, s_c, s_s, t_off, g_n, g_c, g_s, g_t_off,
     MEAN, A, B,
@@ -129,7 +131,7 @@ def _stats_bwd_kernel(
     tl.store(SGTT + out, tl.sum(gt * t, axis=0), mask=mask_c)
 
 
-@triton.jit(do_not_specialize=["n", "C", "S", "t_off", "g_t_off", "o_t_off"])
+@triton.jit(do_not_specialize=["n", "C", "S", "s_n", "s_c", "s_s", "t_off", "g_n", "g_c", "g_s", "g_t_off", "o_n", "o_c", "o_s", "o_t_off"])
 def _apply_bwd_kernel(
     Z, G, OUT, n, C, S, s_n, s_c, s_s, t_off, g_n, g_c, g_s, g_t_off, o_n, o_c, o_s, o_t_off,
     MEAN, A, B, K1, K2, K3, KX, K0, K7, K8,
@@ -173,7 +175,7 @@ def _apply_bwd_kernel(
     tl.store(OUT + o_t_off + o, gxt.to(OUT.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["nb", "C"])
+@triton.jit(do_not_specialize=["nb", "C", "eps"])
 def _finalize_fwd_kernel(
     CNT, SX, ST, M2, CX, nb, C, W, BIAS, eps,
     MEAN, RSTD, MT, S, A, B, D, E,
@@ -236,7 +238,7 @@ def _finalize_fwd_kernel(
     tl.store(E + offs_c, e, mask=mc)
 
 
-@triton.jit(do_not_specialize=["nb", "C"])
+@triton.jit(do_not_specialize=["nb", "C", "count"])
 def _finalize_bwd_kernel(
     SG, SGX, SGT, SGTX, SGTT, nb, C, count,
     RSTD, MT, S, W,

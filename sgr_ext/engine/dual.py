@@ -121,18 +121,12 @@ def _use_triton(z: torch.Tensor) -> bool:
 
 
 def _blocks(C: int, P: int) -> tuple[int, int]:
-    import triton
-
-    bc = min(triton.next_power_of_2(C), 64)
-    bp = max(16, min(4096 // bc, triton.next_power_of_2(max(P, 1))))
-    return bp, bc
+    """(BLOCK_P, BLOCK_C): fixed, so that one compiled kernel serves every shape."""
+    return 256, 16
 
 
 def _finalize_blocks(C: int) -> tuple[int, int]:
-    import triton
-
-    bc = min(triton.next_power_of_2(C), 128)
-    return max(1, 2048 // bc), bc
+    return 32, 64
 
 
 def _triton_stats_fwd(z: torch.Tensor, weight, bias, eps: float):
@@ -1447,13 +1441,22 @@ def dual_loss(logits: Dual, y: torch.Tensor, loss_fn) -> tuple[torch.Tensor, tor
 # --------------------------------------------------------------------------- BN statistics
 
 
+_NORMS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def _norms(module: nn.Module) -> list:
+    if module not in _NORMS:
+        _NORMS[module] = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    return _NORMS[module]
+
+
 class frozen_norm_stats:
     """Context: train-mode norm layers of ``modules`` use batch statistics without updating
     their running statistics (or ``num_batches_tracked``): a recomputed forward must not
     count twice."""
 
     def __init__(self, *modules: nn.Module):
-        self.norms = [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+        self.norms = [m for mod in modules for m in _norms(mod)]
 
     def __enter__(self):
         self.saved = [(m, m.track_running_stats) for m in self.norms if m.training]

@@ -380,7 +380,7 @@ class _Run:
         self.n = cfg.num_tangents
 
     def estimate(self, d_prev, need_output_grad):
-        cfg, n = self.cfg, self.n
+        cfg = self.cfg
         penalize = d_prev is not None and cfg.lam > 0
         need_input_grad = d_prev is not None and (penalize or cfg.track_alignment)
         with self.context():

@@ -8,6 +8,7 @@ the first block and whenever ``lam == 0``.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Optional
 
 import torch
@@ -35,24 +36,35 @@ def ready_event(t: torch.Tensor):
     return None
 
 
+_SCAN: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _scan(block: nn.Module) -> tuple:
+    """(random modules, whether a traced forward calls a random function or is untraceable),
+    cached per block (module structure is assumed fixed once training starts)."""
+    hit = _SCAN.get(block)
+    if hit is not None:
+        return hit
+    from sgr_ext.engine import dual
+
+    mods = [m for m in block.modules() if isinstance(m, _RANDOM_MODULES)]
+    funcs = False
+    for part in (block.module, block.head) if isinstance(block, LocalBlock) else (block,):
+        prog = dual._program(part)
+        if prog is None or any(n.op == "call_function" and n.target in _RANDOM_FUNCTIONS for n in prog.nodes):
+            funcs = True
+    _SCAN[block] = (mods, funcs)
+    return mods, funcs
+
+
 def is_stochastic(block: nn.Module) -> bool:
     """Whether a forward of ``block`` in its current mode draws random numbers (dropout, ...).
 
     Checks module types and, for traceable modules, the functions their forward calls;
     an untraceable module counts as stochastic (the safe answer).
     """
-    from sgr_ext.engine import dual
-
-    for m in block.modules():
-        if isinstance(m, _RANDOM_MODULES) and m.training and getattr(m, "p", 1) != 0:
-            return True
-    for part in (block.module, block.head) if isinstance(block, LocalBlock) else (block,):
-        prog = dual._program(part)
-        if prog is None:
-            return part.training
-        if any(n.op == "call_function" and n.target in _RANDOM_FUNCTIONS for n in prog.nodes):
-            return True
-    return False
+    mods, funcs = _scan(block)
+    return funcs or any(m.training and getattr(m, "p", 1) != 0 for m in mods)
 
 
 class replay_rng(contextlib.AbstractContextManager):
@@ -126,8 +138,9 @@ def step(
         x = block.module(u)
         if need_output_grad and not x.requires_grad:
             x.requires_grad_()  # a parameter-free module on a constant input: x is a leaf
-        ready = None if need_output_grad else ready_event(x)
         logits = block.head(x)
+        # x_k is final once the head has run (a head may work on it in place)
+        ready = None if need_output_grad else ready_event(x)
         loss = cfg.loss_fn(logits, y)
         params = block.trainable_parameters()
         inputs = list(params) + ([x] if need_output_grad else []) + ([u] if need_input_grad else [])

@@ -12,6 +12,11 @@ early; at the end the caller's stream waits for both side streams, so ``p.grad``
 BatchNorm statistics and the returned statistics are safe to use as usual. Autograd runs
 each backward op on the stream of its forward op, so a block's backward stays on its
 stream. Gradients are bitwise those of the sequential loop.
+
+Requirement: a block must not modify its input x_{k-1} in place (the previous block's
+backward may still read it). ``split`` blocks start with a convolution or a linear layer;
+a violation is detected through the tensor version counter and raises a RuntimeError
+naming ``overlap=False``.
 """
 from __future__ import annotations
 
@@ -62,9 +67,19 @@ class BlockPipeline:
         for t in tensors:
             if isinstance(t, torch.Tensor) and t.is_cuda:
                 t.record_stream(stream)
+        versions = [t._version if isinstance(t, torch.Tensor) else None for t in tensors]
         self.current = stream
         with torch.cuda.stream(stream):
             yield
+        for t, v in zip(tensors, versions):
+            if isinstance(t, torch.Tensor) and t._version != v:
+                torch.cuda.synchronize(self.device)
+                raise RuntimeError(
+                    f"LocalNet(overlap=...): block {k} modified its input in place while block {k - 1}'s "
+                    "backward may still have been reading it on another stream; this step's gradients are "
+                    "not reliable. Use LocalNet(..., overlap=False) for this model, or make the block's "
+                    "first operation out of place."
+                )
 
     def done(self, result) -> None:
         """Call inside ``block``: the next block may start at ``result.ready`` (or now)."""
