@@ -19,9 +19,10 @@ NONFINITE_POLICIES = ("raise", "skip", "warn")
 
 
 class NonFiniteError(FloatingPointError):
-    """The input, a loss, penalty or parameter gradient of block ``block`` (0-based) was NaN/Inf.
+    """The input, or a loss, penalty or gradient of block ``block`` (0-based) was NaN/Inf.
 
-    ``what``: ``"input"`` (block 0 only), ``"loss"``, ``"penalty"`` or ``"gradient"``.
+    ``what``: ``"input"`` (block 0 only), ``"loss"``, ``"penalty"``, ``"boundary gradient"`` (D_k,
+    the gradient the block hands forward) or ``"gradient"`` (its parameter gradient).
     """
 
     def __init__(self, block: int, what: str):
@@ -39,7 +40,7 @@ class StepStats:
     cosines, norm_ratios: mean cos(A_k, D_{k-1}) and |A_k| / |D_{k-1}| per boundary,
     None where A_k was not computed (block 0; lam == 0 without ``track_alignment``).
     skipped: True when the ``nonfinite="skip"`` policy dropped the whole step (no ``p.grad``
-    was changed). nonfinite_blocks: the blocks whose input, loss, penalty or gradient was
+    was changed). nonfinite_blocks: the blocks whose input, loss, penalty or gradients were
     NaN/Inf (their ``p.grad`` were left as before the step), empty when all were finite.
     """
 
@@ -80,8 +81,8 @@ class LocalNet(nn.Module):
         num_tangents: random tangent draws averaged per estimate (``grad="forward"`` only).
         fg_per_sample: per-sample (True) or whole-batch (False) directional derivatives
             in the forward-gradient estimates (``grad="forward"`` only).
-        nonfinite: what ``train_step`` does when the input, or a block's loss, penalty or
-            parameter gradient is NaN/Inf: ``"raise"`` (default) ``NonFiniteError``;
+        nonfinite: what ``train_step`` does when the input, or a block's loss, penalty, boundary
+            gradient D_k or parameter gradient is NaN/Inf: ``"raise"`` (default) ``NonFiniteError``;
             ``"skip"`` drop the whole step (``stats.skipped``) and warn; ``"warn"`` keep the
             finite blocks' gradients, drop the others' (``stats.nonfinite_blocks``) and warn.
             Under every policy no NaN/Inf is left in any ``p.grad``: the affected blocks'
@@ -174,7 +175,7 @@ class LocalNet(nn.Module):
             starts block k's gradient all-reduce there, overlapping block k+1's compute).
         Block k's activations are released when its step returns; only x_k and D_k
         travel forward. The optimizer step (and zero_grad) stays the caller's.
-        NaN/Inf in x or in a block's loss, penalty or new parameter gradient is handled by
+        NaN/Inf in x or in a block's loss, penalty, D_k or parameter gradient is handled by
         the ``nonfinite`` policy (see the class docstring): ``"raise"`` raises
         ``NonFiniteError`` naming the first such block, after every block has run and every
         ``p.grad`` was restored. Detection costs one host sync per step (all statistics
@@ -263,7 +264,7 @@ def _check_head_classes(blocks) -> None:
             )
 
 
-_WHAT = ("input", "loss", "penalty", "gradient")
+_WHAT = ("input", "loss", "penalty", "boundary gradient", "gradient")
 
 
 def _host_dtype(device: torch.device) -> torch.dtype:
@@ -276,7 +277,7 @@ class _StepGuard:
     Before the step: a copy of every existing ``p.grad`` of the blocks' trainable parameters
     (None stays None: nothing is copied in the usual ``zero_grad(set_to_none=True)`` loop) and
     of the running statistics of train-mode normalisation layers. Per block, flags (device
-    tensors, no sync) for a non-finite loss, penalty and parameter gradient (the gradient flag
+    tensors, no sync) for a non-finite loss, penalty, D_k and parameter gradient (the gradient flag
     is the sum of per-tensor L1 norms of the block's ``p.grad``, in float64, after the block's
     step: non-finite exactly when some entry is). ``read`` brings statistics and flags to the
     host in one transfer; ``restore(blocks)`` puts those blocks' saved state back.
@@ -299,8 +300,10 @@ class _StepGuard:
         self.device = x.device
         self.input_bad = (~torch.isfinite(x).all()) if (x.is_floating_point() or x.is_complex()) else None
         self.grad_bad: list[Optional[torch.Tensor]] = []
+        self.d_bad: list[Optional[torch.Tensor]] = []
 
     def check_block(self, k: int, r) -> None:
+        self.d_bad.append(None if r.output_grad is None else ~torch.isfinite(r.output_grad).all())
         grads = [p.grad for p in self.params[k] if p.grad is not None]
         grads = [g._values() if g.is_sparse else g for g in grads]
         if not grads:
@@ -328,6 +331,7 @@ class _StepGuard:
                 put(self.input_bad) if k == 0 else None,
                 put(~torch.isfinite(r.loss)),
                 put(~torch.isfinite(r.penalty)),
+                put(self.d_bad[k]),
                 put(self.grad_bad[k]),
             ]
             slots.append((stat, flags))

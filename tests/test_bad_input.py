@@ -32,14 +32,6 @@ from sgr_ext.trainer.data import from_arrays, load_dataset, load_npz
 C = 3  # classes of the small nets below
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -284,8 +276,8 @@ CASES = [
     ("demo-modules-zero", "cli demo", lambda _: demo("--modules", "0"), CliError, r"--modules: expected an int >= 1"),
     ("demo-lr-negative", "cli demo", lambda _: demo("--lr", "-0.1"), CliError, r"--lr: expected a finite number >= 0"),
     ("demo-lr-nan", "cli demo", lambda _: demo("--lr", "nan"), CliError, r"--lr: expected a finite number"),
-    ("demo-lr-zero", "cli demo", lambda _: demo("--lr", "0"), CliError, r"--lr: expected a finite number > 0"),
-    ("demo-batch-one", "cli demo", lambda _: demo("--batch-size", "1"), CliError, r"--batch-size: expected an int >= 2"),
+    ("demo-lr-zero", "cli demo", lambda _: demo("--lr", "0"), CliError, r"--lr: expected a (finite )?number > 0"),
+    ("demo-batch-zero", "cli demo", lambda _: demo("--batch-size", "0"), CliError, r"--batch-size: expected an int >= 1"),
     ("demo-device", "cli demo", lambda _: demo("--device", "tpu:7x"), CliError, r"--device: expected e.g. 'cpu'"),
     ("demo-distance", "cli demo", lambda _: demo("--distance", "l1"), CliError, r"argument --distance: invalid choice"),
     # --- sgr-ext train

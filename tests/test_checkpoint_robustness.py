@@ -34,14 +34,6 @@ TINY = dict(arch="digits_cnn", modules=2, batch_size=32, train_subset=64, test_s
             progress=False, plots=False, deterministic=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def state(i: int) -> dict:
     return {"epoch": i, "w": torch.full((64,), float(i)), "nested": {"lr": 0.1 * i, "tags": ["a", str(i)]}}
 
@@ -259,13 +251,10 @@ def _weights(out: Path) -> dict:
 def uninterrupted(tmp_path_factory):
     """Reference runs, 3 epochs each, without interruption."""
     runs = {}
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in every test (float reductions depend on the thread count)
     for method in ("local", "sgr-fast"):
         out = tmp_path_factory.mktemp(f"full-{method}")
         train(TrainConfig(out=str(out), method=method, epochs=3, optimizer="adamw", schedule="cosine", **TINY))
         runs[method] = out
-    torch.set_num_threads(n)
     return runs
 
 

@@ -2,8 +2,8 @@
 
 Every engine (exact, fast, double_backward, and the BP-free forward-gradient engine) and every
 kind of source: NaN/Inf in the input batch, a non-finite loss (a block whose activations blow
-up), a non-finite penalty (an input gradient A_k that is infinite while the loss is finite) and a
-non-finite parameter gradient alone (a gradient hook). Whatever the policy, no NaN/Inf may be
+up), a non-finite penalty (an input gradient A_k that is infinite while the loss is finite), a
+non-finite boundary gradient D_k, and a non-finite parameter gradient alone (a gradient hook). Whatever the policy, no NaN/Inf may be
 left in any ``p.grad`` (nor in BatchNorm running statistics), and an optimizer step afterwards
 never makes a weight non-finite.
 """
@@ -236,6 +236,34 @@ def test_warn_policy_with_a_block_planted_nan_then_optimizer_steps():
     assert all_finite(list(net.parameters()))
     assert any(not torch.equal(p, w) for p, w in zip(net.blocks[0].parameters(), w0))
     assert all(torch.equal(p, w) for p, w in zip((p for b in net.blocks[1:] for p in b.parameters()), w12))
+
+
+class PoisonOutputGrad(nn.Module):
+    """Identity whose output gradient is NaN: D_k is non-finite while the loss is finite."""
+
+    def forward(self, x):
+        y = x * 1.0
+        if y.requires_grad:
+            y.register_hook(lambda g: torch.full_like(g, float("nan")))
+        return y
+
+
+@pytest.mark.parametrize("engine", ["exact", "fast", "double_backward"])
+def test_non_finite_boundary_gradient_is_reported_with_its_block(engine):
+    """D_0 is NaN: block 0 is named ("boundary gradient"), block 1's penalty is non-finite too,
+    block 2 (finite x_1 and D_1) keeps its gradients under "warn"."""
+    blocks = make_blocks()
+    blocks[0].module.append(PoisonOutputGrad())
+    net = LocalNet(blocks, lam=0.5, nonfinite="raise", **ENGINES[engine])
+    x, y = batch()
+    with pytest.raises(NonFiniteError, match="^block 0: non-finite boundary gradient"):
+        net.train_step(x, y)
+    assert all(p.grad is None for p in net.parameters())
+    net.nonfinite = "warn"
+    with pytest.warns(RuntimeWarning, match=r"block 0 \(boundary gradient/gradient\), block 1 \(penalty"):
+        stats = net.train_step(x, y)
+    assert stats.nonfinite_blocks == [0, 1] and math.isfinite(stats.losses[0])
+    assert all(g is not None for g in block_grads(net, 2)) and all_finite(block_grads(net, 2))
 
 
 def test_default_policy_is_raise_and_stats_are_clean_when_finite():

@@ -60,14 +60,6 @@ def _device(impl):
     return "cpu" if impl == "cpp" else DEV
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _values(gen, shape, dtype, exponent, kind):
     """float64 values of ``kind`` at 10**exponent, clamped into ``dtype``'s finite range."""
     big = torch.finfo(dtype).max
