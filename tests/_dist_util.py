@@ -15,6 +15,7 @@ import os
 import pickle
 import socket
 import sys
+import tempfile
 import time
 import traceback
 
@@ -40,7 +41,14 @@ def _mp_context():
         _CTX.set_forkserver_preload(_PRELOAD)
         from multiprocessing import forkserver
 
-        forkserver.ensure_running()  # the imports happen here once, outside the tests' deadlines
+        # Start it outside the checkout: from the repository root, '' on its sys.path would import
+        # the source tree's sgr_ext, which lacks the installed package's sgr_ext.kernels/.csrc.
+        cwd = os.getcwd()
+        os.chdir(tempfile.gettempdir())
+        try:
+            forkserver.ensure_running()  # the imports happen here once, outside the tests' deadlines
+        finally:
+            os.chdir(cwd)
     return _CTX
 
 

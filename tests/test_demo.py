@@ -29,6 +29,7 @@ def test_demo_writes_results_and_plot(tmp_path, capsys):
     ],
 )
 def test_bad_arguments_give_one_line(argv, message, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sgr_ext.cli", *argv, "--out", str(tmp_path)], capture_output=True, text=True)
+    # cwd outside the checkout, so the installed package runs, not the source tree
+    proc = subprocess.run([sys.executable, "-m", "sgr_ext.cli", *argv, "--out", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
