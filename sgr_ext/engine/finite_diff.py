@@ -149,19 +149,10 @@ def step(
         loss = cfg.loss_fn(logits, y)
         acc = accuracy(logits, y)
         del logits
-        extra = [u] + ([x] if need_output_grad and x is not u else [])
-        grads = list(torch.autograd.grad(loss, params + extra, allow_unused=True))
-        g1 = grads[: len(params)]
-        a = grads[len(params)]
-        a = a * batch if a is not None else torch.zeros_like(u)
-        d_out = None
-        if need_output_grad:
-            g = grads[len(params)] if x is u else grads[len(params) + 1]
-            d_out = g * batch if g is not None else torch.zeros_like(x)
-            del g
+        g1, a, d_out = local.boundary_grads(loss, u, x, params, need_output_grad)
         output = x.detach()
         loss = loss.detach()
-        del grads, x
+        del x
         ready = local.ready_event(output)
 
         # 2. penalty direction and the perturbed pass

@@ -91,6 +91,26 @@ class replay_rng(contextlib.AbstractContextManager):
         return False
 
 
+def boundary_grads(loss: torch.Tensor, u: torch.Tensor, x: torch.Tensor, params, need_output_grad: bool):
+    """One backward of ``loss`` for the block's boundary gradients (and optionally its parameters).
+
+    u: (B, *) block input (requires grad); x: block output. Returns (param grads or None each,
+    A = B dl/du with u's shape, D = B dl/dx or None); inputs the loss does not reach get zeros.
+    The graph is freed.
+    """
+    batch = u.shape[0]
+    params = list(params)
+    extra = [u] + ([x] if need_output_grad and x is not u else [])
+    grads = list(torch.autograd.grad(loss, params + extra, allow_unused=True))
+    g_params, g_u = grads[: len(params)], grads[len(params)]
+    a = g_u * batch if g_u is not None else torch.zeros_like(u)
+    d_out = None
+    if need_output_grad:
+        g_x = g_u if x is u else grads[len(params) + 1]
+        d_out = g_x * batch if g_x is not None else torch.zeros_like(x)
+    return g_params, a, d_out
+
+
 def penalty_direction(a: torch.Tensor, d_prev: torch.Tensor, cfg: StepConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """R = reconcile(A, D_{k-1}) and w = dR/dA (first derivative only, detached)."""
     with torch.enable_grad():

@@ -81,17 +81,10 @@ def step(
         loss = cfg.loss_fn(logits, y)
         acc = accuracy(logits, y)
         del logits
-        wrt = [u, x] if need_output_grad and x is not u else [u]
-        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-        a = grads[0] * batch if grads[0] is not None else torch.zeros_like(u)
-        d_out = None
-        if need_output_grad:
-            g = grads[0] if x is u else grads[1]
-            d_out = g * batch if g is not None else torch.zeros_like(x)
-            del g
+        _, a, d_out = local.boundary_grads(loss, u, x, (), need_output_grad)
         output = x.detach()
         loss = loss.detach()
-        del grads, x
+        del x
         ready = local.ready_event(output)
 
         # 2. the penalty and its first derivative w = dR/dA
