@@ -49,7 +49,7 @@ from torch.overrides import TorchFunctionMode
 
 from sgr_ext.blocks import LocalBlock
 from sgr_ext.engine import dual, local
-from sgr_ext.engine.base import BlockResult, StepConfig, accuracy, alignment
+from sgr_ext.engine.base import BlockResult, StepConfig, alignment
 from sgr_ext.reference import accumulate_dtype
 
 # relative perturbation size ||h w|| / ||u|| per compute dtype
@@ -139,21 +139,9 @@ def step(
     params = block.trainable_parameters()
     with torch.enable_grad():
         # 1. g1, A_k, D_k from one forward and one backward
-        u = x_prev.detach().requires_grad_(True)
         masks = _ReluMasks()
-        with masks:
-            x = block.module(u)
-            if need_output_grad and not x.requires_grad:
-                x.requires_grad_()
-            logits = block.head(x)
-        loss = cfg.loss_fn(logits, y)
-        acc = accuracy(logits, y)
-        del logits
-        g1, a, d_out = local.boundary_grads(loss, u, x, params, need_output_grad)
-        output = x.detach()
-        loss = loss.detach()
-        del x
-        ready = local.ready_event(output)
+        u, output, loss, acc, g1, a, d_out, ready = local.first_pass(
+            block, x_prev, y, cfg, need_output_grad, params, record=masks)
 
         # 2. penalty direction and the perturbed pass
         penalty, w = local.penalty_direction(a, d_prev, cfg)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -91,14 +91,36 @@ class replay_rng(contextlib.AbstractContextManager):
         return False
 
 
-def boundary_grads(loss: torch.Tensor, u: torch.Tensor, x: torch.Tensor, params, need_output_grad: bool):
-    """One backward of ``loss`` for the block's boundary gradients (and optionally its parameters).
+class FirstPass(NamedTuple):
+    """What one forward and one backward of l_k give (every tensor detached except ``u``)."""
 
-    u: (B, *) block input (requires grad); x: block output. Returns (param grads or None each,
-    A = B dl/du with u's shape, D = B dl/dx or None); inputs the loss does not reach get zeros.
-    The graph is freed.
+    u: torch.Tensor  # (B, *) the block input as a leaf that requires grad
+    output: torch.Tensor  # x_k
+    loss: torch.Tensor  # 0-dim l_k
+    accuracy: Optional[torch.Tensor]
+    param_grads: list  # grad of l_k for each of ``params`` (None where unused)
+    a: torch.Tensor  # A_k = B dl/du, u's shape (zeros where the loss does not reach u)
+    d_out: Optional[torch.Tensor]  # D_k = B dl/dx, or None when not needed
+    ready: object  # ``ready_event(output)``
+
+
+def first_pass(block: LocalBlock, x_prev: torch.Tensor, y: torch.Tensor, cfg: StepConfig,
+               need_output_grad: bool, params=(), record=None) -> FirstPass:
+    """Forward of block k and one backward of l_k to u, x and ``params``; the graph is freed.
+
+    record: an optional context manager around the block's forward (e.g. recording ReLU masks).
+    Call under ``torch.enable_grad()``.
     """
-    batch = u.shape[0]
+    batch = x_prev.shape[0]
+    u = x_prev.detach().requires_grad_(True)
+    with record if record is not None else contextlib.nullcontext():
+        x = block.module(u)
+        if need_output_grad and not x.requires_grad:
+            x.requires_grad_()  # the block output does not depend on its input
+        logits = block.head(x)
+    loss = cfg.loss_fn(logits, y)
+    acc = accuracy(logits, y)
+    del logits
     params = list(params)
     extra = [u] + ([x] if need_output_grad and x is not u else [])
     grads = list(torch.autograd.grad(loss, params + extra, allow_unused=True))
@@ -108,7 +130,8 @@ def boundary_grads(loss: torch.Tensor, u: torch.Tensor, x: torch.Tensor, params,
     if need_output_grad:
         g_x = g_u if x is u else grads[len(params) + 1]
         d_out = g_x * batch if g_x is not None else torch.zeros_like(x)
-    return g_params, a, d_out
+    output = x.detach()
+    return FirstPass(u, output, loss.detach(), acc, g_params, a, d_out, ready_event(output))
 
 
 def penalty_direction(a: torch.Tensor, d_prev: torch.Tensor, cfg: StepConfig) -> tuple[torch.Tensor, torch.Tensor]:

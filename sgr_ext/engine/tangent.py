@@ -38,7 +38,7 @@ import torch
 
 from sgr_ext.blocks import LocalBlock
 from sgr_ext.engine import dual, local
-from sgr_ext.engine.base import BlockResult, StepConfig, accuracy, alignment
+from sgr_ext.engine.base import BlockResult, StepConfig, alignment
 from sgr_ext.reference import accumulate_dtype
 
 
@@ -73,19 +73,7 @@ def step(
     rng = local.replay_rng(x_prev.device, active=local.is_stochastic(block))
     with torch.enable_grad():
         # 1. A_k and D_k: activation gradients only; the graph is freed by autograd.grad
-        u = x_prev.detach().requires_grad_(True)
-        x = block.module(u)
-        if need_output_grad and not x.requires_grad:
-            x.requires_grad_()  # the block output does not depend on its input
-        logits = block.head(x)
-        loss = cfg.loss_fn(logits, y)
-        acc = accuracy(logits, y)
-        del logits
-        _, a, d_out = local.boundary_grads(loss, u, x, (), need_output_grad)
-        output = x.detach()
-        loss = loss.detach()
-        del x
-        ready = local.ready_event(output)
+        u, output, loss, acc, _, a, d_out, ready = local.first_pass(block, x_prev, y, cfg, need_output_grad)
 
         # 2. the penalty and its first derivative w = dR/dA
         penalty, w = local.penalty_direction(a, d_prev, cfg)
