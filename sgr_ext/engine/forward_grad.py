@@ -218,6 +218,16 @@ def _stat_shape(x: torch.Tensor) -> list[int]:
     return [1, -1] + [1] * (x.dim() - 2)
 
 
+def _normalize(input, mean, var, eps, weight, bias, shape=None):
+    """(input - mean) / sqrt(var + eps), then the optional affine (reshaped to ``shape`` if given)."""
+    y = (input - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * (weight.view(shape) if shape is not None else weight)
+    if bias is not None:
+        y = y + (bias.view(shape) if shape is not None else bias)
+    return y
+
+
 def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
     shape = _stat_shape(input)
     if training or running_mean is None:
@@ -228,12 +238,7 @@ def _batch_norm(input, running_mean, running_var, weight=None, bias=None, traini
         var = input.var(dims, correction=0, keepdim=True)
     else:
         mean, var = running_mean.view(shape), running_var.view(shape)
-    y = (input - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight.view(shape)
-    if bias is not None:
-        y = y + bias.view(shape)
-    return y
+    return _normalize(input, mean, var, eps, weight, bias, shape)
 
 
 def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
@@ -247,24 +252,14 @@ def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias
         var = input.var(dims, correction=0, keepdim=True)
     else:
         mean, var = running_mean.view(shape), running_var.view(shape)
-    y = (input - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight.view(shape)
-    if bias is not None:
-        y = y + bias.view(shape)
-    return y
+    return _normalize(input, mean, var, eps, weight, bias, shape)
 
 
 def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     dims = list(range(-len(tuple(normalized_shape)), 0))
     mean = input.mean(dims, keepdim=True)
     var = input.var(dims, correction=0, keepdim=True)
-    y = (input - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
+    return _normalize(input, mean, var, eps, weight, bias)
 
 
 _DECOMPOSED = {F.batch_norm: _batch_norm, F.instance_norm: _instance_norm, F.layer_norm: _layer_norm}
