@@ -180,6 +180,39 @@ def _side_stream(device: torch.device):
     return _SIDE_STREAMS[key]
 
 
+def _grad_buffers(x, weight, need_dx, need_dw, need_db):
+    """Outputs of the chunked gradient: dx (N, H) in x's dtype; dw (V, H) in float32 for a
+    half-precision weight up to FP32_DW_MAX_BYTES, else in the weight's dtype (a larger fp32
+    buffer would exceed Liger's whole peak); db (V,) in the accumulate dtype. Empty where unused."""
+    v, h = weight.shape
+    acc = accumulate_dtype(x.dtype)
+    dx = torch.empty_like(x) if need_dx else _empty(x)
+    dw_dtype = acc if (weight.dtype != acc and v * h * 4 <= FP32_DW_MAX_BYTES) else weight.dtype
+    dw = torch.empty((v, h), dtype=dw_dtype, device=x.device) if need_dw else _empty(weight)
+    db = torch.empty(v, dtype=acc, device=x.device) if need_db else _empty(x)
+    return dx, dw, db
+
+
+def _add_chunk_param_grads(z, xc, dw, db, first: bool, need_dw: bool, need_db: bool) -> None:
+    """dw (+)= z^T xc and db (+)= sum over rows of z, for one chunk's logits gradient z (rows, V)."""
+    if need_dw:
+        _mm_acc(z.t(), xc, dw, accumulate=not first)
+    if need_db:
+        if first:
+            torch.sum(z, dim=0, dtype=db.dtype, out=db)
+        else:
+            db.add_(z.sum(dim=0, dtype=db.dtype))
+
+
+def _cast_param_grads(dw, db, weight, bias, need_dw: bool, need_db: bool):
+    """dw and db back to the parameters' dtypes."""
+    if need_dw and dw.dtype != weight.dtype:
+        dw = dw.to(weight.dtype)
+    if need_db:
+        db = db.to(bias.dtype)
+    return dw, db
+
+
 def fused_forward(x, weight, bias, target, reduction, ignore_index, need_dx, need_dw, need_db, check_target=True):
     """Triton path forward: (loss, lse, dx, dw, db); gradients for grad_out = 1 when need_*."""
     k = _triton()
@@ -207,12 +240,7 @@ def fused_forward(x, weight, bias, target, reduction, ignore_index, need_dx, nee
     # first chunk is queued, so the sync costs almost no GPU idle time; the kernels
     # tolerate out-of-range targets in the meantime
     bad_flag = k.check_targets(target, v, ignore_index) if check_target else None
-    dx = torch.empty_like(x) if need_dx else _empty(x)
-    dw_dtype = weight.dtype
-    if need_dw and weight.dtype != acc and v * h * 4 <= FP32_DW_MAX_BYTES:
-        dw_dtype = acc
-    dw = torch.empty((v, h), dtype=dw_dtype, device=dev) if need_dw else _empty(weight)
-    db = torch.empty(v, dtype=acc, device=dev) if need_db else _empty(x)
+    dx, dw, db = _grad_buffers(x, weight, need_dx, need_dw, need_db)
     side = None
     if GRAD_GEMM_STREAMS > 1 and dev.type == "cuda" and need_dx and need_dw:
         main, side = torch.cuda.current_stream(dev), _side_stream(dev)
@@ -233,13 +261,7 @@ def fused_forward(x, weight, bias, target, reduction, ignore_index, need_dx, nee
                 dx_done = side.record_event()
         elif need_dx:
             torch.mm(z, weight, out=dx[s:e])
-        if need_dw:
-            _mm_acc(z.t(), xc, dw, accumulate=i > 0)
-        if need_db:
-            if i == 0:
-                torch.sum(z, dim=0, dtype=acc, out=db)
-            else:
-                db.add_(z.sum(dim=0, dtype=acc))
+        _add_chunk_param_grads(z, xc, dw, db, i == 0, need_dw, need_db)
     if side is not None:
         main.wait_event(dx_done)  # dx is complete, zbuf is free
     del zbuf
@@ -249,10 +271,7 @@ def fused_forward(x, weight, bias, target, reduction, ignore_index, need_dx, nee
         loss = loss_sum.to(acc)
         if reduction == "mean":
             loss = loss / _valid(target, ignore_index).sum().to(acc)
-    if need_dw and dw.dtype != weight.dtype:
-        dw = dw.to(weight.dtype)
-    if need_db:
-        db = db.to(bias.dtype)
+    dw, db = _cast_param_grads(dw, db, weight, bias, need_dw, need_db)
     return loss, lse, dx, dw, db
 
 
@@ -261,14 +280,10 @@ def fused_backward(c, x, weight, bias, target, lse, ignore_index, need_dx, need_
     k = _triton()
     n, h = x.shape
     v = weight.shape[0]
-    acc = accumulate_dtype(x.dtype)
     need_db = need_db and bias is not None
     rows = chunk_rows(n, h, v)
     zbuf = torch.empty((rows, v), dtype=x.dtype, device=x.device)
-    dx = torch.empty_like(x) if need_dx else _empty(x)
-    dw_dtype = acc if (weight.dtype != acc and v * h * 4 <= FP32_DW_MAX_BYTES) else weight.dtype
-    dw = torch.empty((v, h), dtype=dw_dtype, device=x.device) if need_dw else _empty(weight)
-    db = torch.empty(v, dtype=acc, device=x.device) if need_db else _empty(x)
+    dx, dw, db = _grad_buffers(x, weight, need_dx, need_dw, need_db)
     for i, s in enumerate(range(0, n, rows)):
         e = min(n, s + rows)
         xc, z = x[s:e], zbuf[: e - s]
@@ -276,17 +291,8 @@ def fused_backward(c, x, weight, bias, target, lse, ignore_index, need_dx, need_
         k.ce_grad(z, target[s:e], lse[s:e], c[s:e], ignore_index)
         if need_dx:
             torch.mm(z, weight, out=dx[s:e])
-        if need_dw:
-            _mm_acc(z.t(), xc, dw, accumulate=i > 0)
-        if need_db:
-            if i == 0:
-                torch.sum(z, dim=0, dtype=acc, out=db)
-            else:
-                db.add_(z.sum(dim=0, dtype=acc))
-    if need_dw and dw.dtype != weight.dtype:
-        dw = dw.to(weight.dtype)
-    if need_db:
-        db = db.to(bias.dtype)
+        _add_chunk_param_grads(z, xc, dw, db, i == 0, need_dw, need_db)
+    dw, db = _cast_param_grads(dw, db, weight, bias, need_dw, need_db)
     return dx, dw, db
 
 
