@@ -60,6 +60,10 @@ CONFIGS = {
 QUICK_CONFIGS = {
     "resnet8_k3_b8": dict(depth=8, K=3, batch=8, image=16),
 }
+# sizes a CPU measures in about a minute (README's CPU memory ratios)
+CPU_CONFIGS = {
+    "resnet32_k16_b32": dict(depth=32, K=16, batch=32, image=32),
+}
 METHODS = ("global_bp", "naive_local", "naive_sgr_db", "local", "exact", "fast", "local_nooverlap", "exact_nooverlap")
 LAM = 0.1
 
@@ -322,7 +326,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke run")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--configs", default=None, help=f"comma list of {list(CONFIGS)}")
+    ap.add_argument("--configs", default=None, help=f"comma list of {list({**CONFIGS, **QUICK_CONFIGS, **CPU_CONFIGS})}")
     ap.add_argument("--methods", default=None, help=f"comma list of {list(METHODS)}")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32,bf16")
     ap.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
@@ -336,7 +340,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     configs = QUICK_CONFIGS if args.quick else CONFIGS
     if args.configs:
-        allc = {**CONFIGS, **QUICK_CONFIGS}
+        allc = {**CONFIGS, **QUICK_CONFIGS, **CPU_CONFIGS}
         configs = {k: allc[k] for k in args.configs.split(",")}
     methods = [m for m in (args.methods.split(",") if args.methods else METHODS)]
     if device.type != "cuda":
