@@ -268,3 +268,29 @@ def test_bad_step_input(x, y, exc, match):
     blocks, _ = mlp_blocks(torch.float32)
     with pytest.raises(exc, match=match):
         sgr_ext.LocalNet(blocks, lam=0.1).train_step(x, y)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_boundary_tensors_are_released_once_the_next_block_consumed_them(lam):
+    # x_k and D_k are block k+1's inputs only: by the time block k+2 starts, nothing
+    # (the step's statistics included) may still hold them.
+    blocks, x = conv_blocks(torch.float32)
+    y = torch.randint(0, CLASSES, (x.shape[0],))
+    boundary = {}
+    alive_at_start = {}
+
+    def keep_weak(k, r):
+        boundary[k] = [weakref.ref(t) for t in (r.output, r.output_grad) if t is not None]
+
+    def check(k):
+        def hook(mod, inp):
+            if k >= 2 and k not in alive_at_start:
+                gc.collect()
+                alive_at_start[k] = sum(ref() is not None for ref in boundary[k - 2])
+        return hook
+
+    for k, b in enumerate(blocks):
+        b.module.register_forward_pre_hook(check(k))
+    sgr_ext.LocalNet(blocks, lam=lam, track_alignment=True).train_step(x, y, on_block_end=keep_weak)
+    assert len(boundary[0]) == 2  # x_0 and D_0 were produced, so the check below can fail
+    assert alive_at_start == {2: 0}
