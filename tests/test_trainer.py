@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from sgr_ext import cli
 from sgr_ext.engine import ENGINES
-from sgr_ext.trainer import TrainConfig, train
+from sgr_ext.trainer import TrainConfig, TrainingDiverged, train
 from sgr_ext.trainer import checkpoint
 from sgr_ext.trainer.augment import random_crop_flip
 from sgr_ext.trainer.data import load_dataset
@@ -129,6 +129,47 @@ def test_resume_is_bit_identical(tmp_path):
         return [{k: v for k, v in r.items() if "time" not in k and k != "samples_per_s"} for r in history]
 
     assert strip(full["history"]) == strip(resumed["history"])
+
+
+def _poison_second_batch(monkeypatch):
+    """One NaN pixel in the second training batch, after loading (a sample that goes bad
+    mid-run); the data loader itself rejects non-finite files."""
+    from sgr_ext.trainer import loop
+
+    calls = {"n": 0}
+
+    def poisoned(x, **kw):
+        out = random_crop_flip(x, **kw)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out[0].view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(loop, "random_crop_flip", poisoned)
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip", "warn"])
+def test_nonfinite_policy_in_the_trainer(policy, tmp_path, monkeypatch):
+    _poison_second_batch(monkeypatch)
+    cfg = TrainConfig(method="sgr", out=str(tmp_path), augment="flip", nonfinite=policy, **dict(TINY, epochs=2))
+    if policy == "raise":
+        with pytest.raises(TrainingDiverged, match=r"epoch 1, step 2: .*block 0"):
+            train(cfg)
+        return
+    with pytest.warns(RuntimeWarning, match="non-finite values in block 0"):
+        res = train(cfg)
+    first, second = res["history"]
+    assert (first["nonfinite_steps"], second["nonfinite_steps"]) == (1, 0)
+    assert first["skipped_steps"] == (1 if policy == "skip" else 0) and second["skipped_steps"] == 0
+    for rec in res["history"]:  # epoch statistics over the finite steps only
+        assert all(np.isfinite(v) for v in rec["block_train_loss"] + rec["block_penalty"][1:])
+    model = checkpoint.load(tmp_path / "checkpoint.pt")["model"]
+    assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
+
+
+def test_cli_nonfinite_policy_rejected_for_global_bp(capsys):
+    assert cli.main(["train", "--method", "bp", "--nonfinite", "skip", "--no-progress"]) == 2
+    assert "--nonfinite skip: applies to the local methods" in capsys.readouterr().err
 
 
 def test_resume_rejects_other_configuration(tmp_path):

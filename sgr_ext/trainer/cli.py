@@ -10,6 +10,7 @@ import math
 import sys
 import types
 
+from sgr_ext.net import NONFINITE_POLICIES
 from sgr_ext.trainer import archs
 from sgr_ext.trainer.loop import (AUGMENTS, DEFAULT_LAM, GRADS, METHODS, OPTIMIZERS, PARALLEL, SCHEDULES, TrainConfig,
                                   TrainingDiverged)
@@ -114,6 +115,11 @@ def register(subparsers) -> None:
     g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="per-step LR schedule (default %(default)s)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     g.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
+    g.add_argument("--nonfinite", default=d.nonfinite, choices=NONFINITE_POLICIES,
+                   help="NaN/Inf in a module's input, loss, penalty, boundary gradient or weight gradients: raise "
+                   "stops the run; skip drops that step (no update, not counted in the epoch's statistics); warn "
+                   "drops only the affected modules' updates; skip and warn count such steps in metrics.csv "
+                   "(local methods only) (default %(default)s)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels; with --resume the run continues bit-identically")
 

@@ -36,7 +36,7 @@ from sgr_ext import _checks
 from sgr_ext import distributed as sgr_dist
 from sgr_ext.data import TensorDataset
 from sgr_ext.memory import PeakMemory
-from sgr_ext.net import LocalNet, NonFiniteError
+from sgr_ext.net import NONFINITE_POLICIES, LocalNet, NonFiniteError
 from sgr_ext.split import model_units, split
 from sgr_ext.trainer import archs, checkpoint, metrics
 from sgr_ext.trainer.augment import random_crop_flip
@@ -107,6 +107,7 @@ class TrainConfig:
     progress: bool = True
     grad: str = "backward"  # "forward": BP-free forward-gradient engine (sgr_ext.engine.forward_grad)
     num_tangents: int = 1  # grad="forward": tangent draws averaged per estimate
+    nonfinite: str = "raise"  # LocalNet's policy for NaN/Inf: raise (stop the run), skip (the step), warn
     # distributed (under torchrun; ignored otherwise except for checks)
     parallel: str = "auto"  # auto: data when WORLD_SIZE > 1, else none
     micro_batches: int = 4  # module parallel: micro-batches per global batch
@@ -165,6 +166,10 @@ class TrainConfig:
         if self.grad == "backward" and self.num_tangents != 1:
             raise ValueError(f"--num-tangents: only applies to --grad forward, got --num-tangents {self.num_tangents} "
                              "with --grad backward")
+        _checks.choice("--nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        if self.method == "bp" and self.nonfinite != "raise":
+            raise ValueError(f"--nonfinite {self.nonfinite}: applies to the local methods (local, sgr, sgr-fast); "
+                             "--method bp stops on a non-finite loss")
         # distributed
         _checks.choice("--parallel", self.parallel, PARALLEL)
         _checks.positive_int("--micro-batches", self.micro_batches)
@@ -203,6 +208,7 @@ class TrainConfig:
             "track_alignment": self.method == "local",
             "grad": self.grad,
             "num_tangents": self.num_tangents,
+            "nonfinite": self.nonfinite,
         }
 
     def run_name(self) -> str:
@@ -276,10 +282,19 @@ def _mean(values) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
-def _per_block_mean(rows: list[list[Optional[float]]]) -> list[Optional[float]]:
-    if not rows:
-        return []
-    return [_mean(r[k] for r in rows) for k in range(len(rows[0]))]
+def _without_blocks(stats, blocks):
+    """``stats`` with the given blocks' statistics replaced by None (their values are NaN/Inf
+    or belong to a dropped update), so that epoch means stay over the finite steps."""
+    drop = set(blocks)
+    fields = ("losses", "penalties", "accuracies", "cosines", "norm_ratios")
+    return dataclasses.replace(stats, **{
+        f: [None if k in drop else v for k, v in enumerate(getattr(stats, f))] for f in fields})
+
+
+def _per_block_mean(rows: list[list[Optional[float]]], n_blocks: int) -> list[Optional[float]]:
+    """Per block, the mean over steps of its non-None values; ``n_blocks`` Nones when no step
+    counted (a pipeline stage's rows cover only the blocks up to its own)."""
+    return [_mean(r[k] for r in rows) for k in range(len(rows[0]) if rows else n_blocks)]
 
 
 def evaluate(model: nn.Module, net: Optional[LocalNet], x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
@@ -652,6 +667,7 @@ class _Run:
             torch.manual_seed(derived_seed(cfg.seed, "rank", self.rank, epoch))
         n_blocks = len(self.net.blocks) if self.net is not None else 0
         losses, penalties, accs, cosines, ratios = [], [], [], [], []
+        nonfinite_steps = skipped_steps = 0  # --nonfinite skip/warn
         bp_loss = torch.zeros((), device=dev, dtype=torch.float64)
         bp_correct = torch.zeros((), device=dev, dtype=torch.long)
         peak = PeakMemory(dev)  # per step, DESIGN.md §5; on CPU the bytes saved for backward
@@ -668,7 +684,12 @@ class _Run:
             self.opt.zero_grad(set_to_none=True)
             with peak:
                 st = self._step(x, y, step, epoch, i, bp_loss, bp_correct)
-            if self.net is not None:
+            if st is not None and st.nonfinite_blocks:
+                nonfinite_steps += 1
+                st = _without_blocks(st, range(n_blocks) if st.skipped else st.nonfinite_blocks)
+            if st is not None and st.skipped:
+                skipped_steps += 1  # no gradient was kept: no optimizer step, no statistics
+            elif self.net is not None:
                 losses.append(st.losses)
                 penalties.append(st.penalties)
                 accs.append(st.accuracies)
@@ -680,11 +701,12 @@ class _Run:
                         "lam": self.net.config.lam, "loss": st.losses[-1], "block_train_loss": st.losses,
                         "block_penalty": st.penalties, "cosine": st.cosines, "norm_ratio": st.norm_ratios,
                     })
-            self.opt.step()
+            if st is None or not st.skipped:
+                self.opt.step()
             self.sched.step()
             if bar is not None:
                 bar.update(1)
-                if self.net is not None and i % 5 == 0:
+                if self.net is not None and i % 5 == 0 and st.losses[-1] is not None:
                     bar.set_postfix(epoch=epoch + 1, loss=f"{st.losses[-1]:.3f}", refresh=False)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -701,15 +723,17 @@ class _Run:
                 raise TrainingDiverged(f"epoch {epoch + 1}: non-finite training loss under global BP")
             rec.update(block_train_loss=[], block_penalty=[], block_train_acc=[], cosine=[], norm_ratio=[])
         else:
-            block_loss = _per_block_mean(losses)
-            block_acc = _per_block_mean(accs)
+            block_loss = _per_block_mean(losses, n_blocks)
+            block_acc = _per_block_mean(accs, n_blocks)
             rec["train_loss"] = block_loss[-1]
             rec["train_acc"] = block_acc[-1]
             rec["block_train_loss"] = block_loss
-            rec["block_penalty"] = _per_block_mean(penalties)
+            rec["block_penalty"] = _per_block_mean(penalties, n_blocks)
             rec["block_train_acc"] = block_acc
-            rec["cosine"] = _per_block_mean(cosines) if cosines else [None] * n_blocks
-            rec["norm_ratio"] = _per_block_mean(ratios) if ratios else [None] * n_blocks
+            rec["cosine"] = _per_block_mean(cosines, n_blocks)
+            rec["norm_ratio"] = _per_block_mean(ratios, n_blocks)
+        rec["nonfinite_steps"] = nonfinite_steps
+        rec["skipped_steps"] = skipped_steps
         rec["step_time_ms"] = 1000.0 * train_time / len(self.batches)
         rec["train_time_s"] = train_time
         rec["samples_per_s"] = n / train_time if train_time > 0 else None
