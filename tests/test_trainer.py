@@ -118,6 +118,7 @@ def test_resume_is_bit_identical(tmp_path):
     assert not part["complete"] and part["epochs_done"] == 1
     resumed = train(TrainConfig(out=str(tmp_path / "part"), resume="auto", **cfg))
     assert resumed["complete"] and resumed["epochs_done"] == 3
+    assert (full["resumed_at_epoch"], resumed["resumed_at_epoch"]) == (None, 1)
 
     a = checkpoint.load(tmp_path / "full" / "checkpoint.pt")
     b = checkpoint.load(tmp_path / "part" / "checkpoint.pt")
@@ -165,6 +166,8 @@ def test_nonfinite_policy_in_the_trainer(policy, tmp_path, monkeypatch):
         assert all(np.isfinite(v) for v in rec["block_train_loss"] + rec["block_penalty"][1:])
     model = checkpoint.load(tmp_path / "checkpoint.pt")["model"]
     assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"nonfinite_steps", "skipped_steps"} <= set(header)
 
 
 def test_cli_nonfinite_policy_rejected_for_global_bp(capsys):

@@ -96,6 +96,11 @@ def test_two_ranks_data_and_module_parallel_match_one_process(tmp_path):
         ([*SGR, *SMALL, "--resume", f"{d}/dp-r0/checkpoint.pt", "--out", f"{d}/dp-r{{rank}}"], free_port()),
         # module parallel: block 0 on rank 0, block 1 on rank 1 (the logging rank), 2 micro-batches
         ([*SGR, *SMALL, "--parallel", "module", "--micro-batches", "2", "--out", f"{d}/mp-r{{rank}}"], free_port()),
+        # ... stopped after one epoch and resumed from the logging rank's checkpoint
+        ([*SGR, *SMALL, "--parallel", "module", "--micro-batches", "2", "--stop-after", "1", "--out",
+          f"{d}/mpr-r{{rank}}"], free_port()),
+        ([*SGR, *SMALL, "--parallel", "module", "--micro-batches", "2", "--resume", f"{d}/mpr-r1/checkpoint.pt",
+          "--out", f"{d}/mpr-r{{rank}}"], free_port()),
         # global BP under data parallel: DDP on each rank's shard
         (["--arch", TEST_ARCH, "--method", "bp", "--epochs", "2", *SMALL, "--out", f"{d}/bp-r{{rank}}"], free_port()),
         # BP-free training, data parallel
@@ -111,10 +116,10 @@ def test_two_ranks_data_and_module_parallel_match_one_process(tmp_path):
             assert run["code"] == 0, (r, i, run)
             assert not any("error" in line for line in run["stderr"]), (r, i, run["stderr"])
     # Only the logging rank writes or prints: rank 0 for data parallel, the last stage for module parallel.
-    for name, logger in (("dp", 0), ("mp", 1), ("bp", 0), ("fg", 0)):
+    for name, logger in (("dp", 0), ("mp", 1), ("mpr", 1), ("bp", 0), ("fg", 0)):
         assert (tmp_path / f"{name}-r{logger}" / "results.json").is_file(), name
         assert not (tmp_path / f"{name}-r{1 - logger}").exists(), name
-    for i, logger in enumerate((0, 0, 1, 0, 0)):
+    for i, logger in enumerate((0, 0, 1, 1, 1, 0, 0)):
         assert any("test accuracy" in line for line in ranks[logger][i]["stdout"]), i
         assert ranks[1 - logger][i]["stdout"] == [], i
     for r in (0, 1):
@@ -146,8 +151,16 @@ def test_two_ranks_data_and_module_parallel_match_one_process(tmp_path):
     assert fg["config"]["grad"] == "forward" and fg["complete"]
     assert all(v == v for v in fg["history"][-1]["block_train_loss"]) and 0.0 <= fg["final_test_acc"] <= 1.0
 
-    # A module-parallel checkpoint holds the whole trained model, but not every stage's optimizer state.
-    with pytest.raises(ValueError, match="module-parallel run, which cannot be resumed"):
+    # Module-parallel resume: every stage gets its own optimizer and RNG state back, so the
+    # continued run is the uninterrupted one, bit for bit.
+    mpr = results("mpr", 1)
+    assert mpr["complete"] and mpr["epochs_done"] == 2 and mpr["resumed_at_epoch"] == 1
+    want, got = _weights(tmp_path / "mp-r1" / "checkpoint.pt"), _weights(tmp_path / "mpr-r1" / "checkpoint.pt")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert mpr["history"][-1]["train_loss"] == results("mp", 1)["history"][-1]["train_loss"]
+    # Its optimizer state is per stage: it resumes only as the same pipeline.
+    with pytest.raises(ValueError, match=r"resumes only as the same pipeline \(checkpoint: module parallel, "
+                                         r"placement \[1, 1\]; now: --parallel none\)"):
         train(TrainConfig(out=str(tmp_path / "mp-r1"), resume="auto", **dict(SGR_CFG, epochs=3)))
 
 
@@ -156,7 +169,6 @@ def test_two_ranks_data_and_module_parallel_match_one_process(tmp_path):
     [
         (["--parallel", "data"], "--parallel data: needs a torchrun launch"),
         (["--parallel", "module", "--method", "bp"], "--parallel module: needs a local method"),
-        (["--parallel", "module", "--resume"], "--resume: not supported with --parallel module"),
         (["--placement", "2,2"], "--placement: only applies to --parallel module"),
         (["--parallel", "module", "--placement", "2,x"], "--placement"),
         (["--parallel", "cluster"], "invalid choice"),

@@ -185,9 +185,6 @@ class TrainConfig:
         if self.parallel == "module" and self.method == "bp":
             raise ValueError("--parallel module: needs a local method (--method local/sgr); global BP cannot be "
                              "split into independent stages (use --parallel data)")
-        if self.parallel == "module" and self.resume is not None:
-            raise ValueError("--resume: not supported with --parallel module yet (each stage's optimizer state "
-                             "lives on its own rank)")
         return self
 
     @property
@@ -378,10 +375,16 @@ def _resume_path(cfg: TrainConfig) -> Optional[Path]:
     return path
 
 
-def _check_resume_compatible(cfg: TrainConfig, saved: dict, path: Path, data_fp: dict) -> None:
-    if saved.get("parallel") == "module":
-        raise ValueError(f"--resume {path}: the checkpoint is from a module-parallel run, which cannot be resumed yet "
-                         "(its optimizer state covers the last stage's blocks only)")
+def _check_resume_compatible(cfg: TrainConfig, saved: dict, path: Path, data_fp: dict, parallel: str,
+                             placement: Optional[list]) -> None:
+    def layout(parallel_mode, placement_) -> str:
+        return f"module parallel, placement {placement_}" if parallel_mode == "module" else f"--parallel {parallel_mode}"
+
+    if "module" in (saved.get("parallel"), parallel):
+        # Each stage's optimizer state covers its own blocks: the stages must be the same.
+        if (saved.get("parallel"), saved.get("placement")) != (parallel, placement) or saved.get("stages") is None:
+            raise ValueError(f"--resume {path}: a module-parallel run resumes only as the same pipeline (checkpoint: "
+                             f"{layout(saved.get('parallel'), saved.get('placement'))}; now: {layout(parallel, placement)})")
     old = dict(_RESUME_DEFAULTS, **saved.get("config", {}))
     diffs = [f"{k}: checkpoint {old.get(k)!r} vs now {getattr(cfg, k)!r}" for k in _RESUME_KEYS
              if k in old and old.get(k) != getattr(cfg, k)]
@@ -577,10 +580,12 @@ class _Run:
         return x
 
     def _restore(self, saved: dict) -> None:
-        _check_resume_compatible(self.cfg, saved, self.resume_path, self.data_fp)
+        placement = list(self.runner.placement) if self.parallel == "module" else None
+        _check_resume_compatible(self.cfg, saved, self.resume_path, self.data_fp, self.parallel, placement)
+        stage = saved["stages"][self.rank] if self.parallel == "module" else saved
         try:
             self.trained.load_state_dict(saved["model"])
-            self.opt.load_state_dict(saved["optimizer"])
+            self.opt.load_state_dict(stage["optimizer"])
             self.sched.load_state_dict(saved["scheduler"])
         except (KeyError, RuntimeError) as exc:
             first = str(exc).splitlines()[0]
@@ -589,7 +594,7 @@ class _Run:
         self.steps = list(saved.get("steps", []))
         self.start_epoch = int(saved["epoch"])
         self.wall_before = float(saved.get("wall_time_s", 0.0))
-        checkpoint.set_rng_state(saved["rng"])
+        checkpoint.set_rng_state(stage["rng"])
 
     def _lam_at(self, step: int) -> float:
         lam = self.cfg.lam_value
@@ -607,11 +612,26 @@ class _Run:
         if net.config.lam != lam or net.config.track_alignment != want_track:
             net.config = dataclasses.replace(net.config, lam=lam, track_alignment=want_track)
 
-    def _save_checkpoint(self, epoch: int, wall: float) -> None:
+    def _stage_states(self) -> Optional[list]:
+        """Module parallel: every stage's optimizer and RNG state, gathered from all ranks
+        (a collective); None otherwise (one optimizer state covers every parameter)."""
+        if self.parallel != "module":
+            return None
+        mine = {"optimizer": self.opt.state_dict(), "rng": checkpoint.rng_state()}
+        stages: list = [None] * self.world
+        self._collective(torch.distributed.all_gather_object, "checkpoint gather of the stages' optimizer states",
+                         stages, mine, group=self.runner.group)
+        return stages
+
+    def _save_checkpoint(self, epoch: int, wall: float, stages: Optional[list]) -> None:
         state = {
             "format": 1,
-            "parallel": self.parallel,  # "module": the optimizer state covers the last stage only
+            "parallel": self.parallel,
             "world_size": self.world,
+            # module parallel: per stage (rank), its optimizer and RNG state; "optimizer"/"rng"
+            # below are the logging stage's
+            "stages": stages,
+            "placement": list(self.runner.placement) if self.parallel == "module" else None,
             "config": {k: v for k, v in dataclasses.asdict(self.cfg).items() if k != "extra"},
             "dataset": self.data_fp,
             "lam_value": self.cfg.lam_value,
@@ -773,8 +793,10 @@ class _Run:
                     bar.set_postfix(epoch=epoch + 1, loss=f"{rec['train_loss']:.3f}", test_acc=f"{acc:.4f}")
                 if writes:
                     metrics.write_run_files(self.out, self.history, self.steps)
-                    if cfg.checkpoint:
-                        self._save_checkpoint(epoch + 1, wall)
+                if cfg.checkpoint and self.out is not None:
+                    stages = self._stage_states()  # collective under module parallel
+                    if writes:
+                        self._save_checkpoint(epoch + 1, wall, stages)
                 done_now += 1
                 if cfg.stop_after is not None and done_now >= cfg.stop_after and epoch + 1 < cfg.epochs:
                     stopped_early = True
@@ -808,6 +830,7 @@ class _Run:
             "name": self.cfg.run_name(),
             "complete": complete,
             "epochs_done": len(h),
+            "resumed_at_epoch": self.start_epoch if self.saved is not None else None,
             "config": dataclasses.asdict(self.cfg),
             "lam": self.cfg.lam_value,
             "dataset": self.data_fp,
