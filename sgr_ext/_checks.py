@@ -19,6 +19,8 @@ def tensor(name: str, value, *, floating: bool = False, min_dim: int = 0) -> tor
     """Check that ``value`` is a tensor (optionally real floating point, with at least ``min_dim`` dims)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {value.layout}")
     if floating and value.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name}: expected a real floating-point tensor (float16, bfloat16, float32 or float64), "
@@ -62,7 +64,10 @@ def nonneg_finite(name: str, value) -> float:
     """A real number >= 0 that is not NaN or infinite (lam, eps, ...)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"{name}: expected a finite number >= 0, got an int with {len(str(value))} digits") from None
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
     return value

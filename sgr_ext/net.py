@@ -110,6 +110,8 @@ class LocalNet(nn.Module):
         overlap="auto",
     ):
         super().__init__()
+        if not (isinstance(blocks, nn.Module) or hasattr(blocks, "__iter__")) or isinstance(blocks, str):
+            raise TypeError(f"blocks: expected a sequence of LocalBlock (or an nn.ModuleList), got {type(blocks).__name__}")
         blocks = list(blocks) if not isinstance(blocks, nn.Module) else list(blocks.children())
         if not blocks:
             raise ValueError("blocks: expected at least one LocalBlock, got none")
@@ -118,6 +120,9 @@ class LocalNet(nn.Module):
                 raise TypeError(f"blocks[{i}]: expected a LocalBlock, got {type(b).__name__}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        if not isinstance(track_alignment, bool):
+            raise TypeError(f"track_alignment: expected a bool, got {type(track_alignment).__name__}")
+        _check_one_device(blocks)
         if not isinstance(fg_per_sample, bool):
             raise TypeError(f"fg_per_sample: expected a bool, got {type(fg_per_sample).__name__}")
         self.blocks = nn.ModuleList(blocks)
@@ -127,7 +132,7 @@ class LocalNet(nn.Module):
             distance=_checks.distance(distance),
             eps=_checks.nonneg_finite("eps", eps),
             loss_fn=loss_fn if loss_fn is not None else F.cross_entropy,
-            track_alignment=bool(track_alignment),
+            track_alignment=track_alignment,
             num_tangents=_checks.positive_int("num_tangents", num_tangents),
             fg_per_sample=fg_per_sample,
         )
@@ -136,6 +141,7 @@ class LocalNet(nn.Module):
         if overlap not in (True, False, "auto"):
             raise ValueError(f"overlap: expected True, False or 'auto', got {overlap!r}")
         self.overlap = overlap
+        self._probed_classes: Optional[dict] = None  # classes of heads without a Linear, once run
         if self.config.loss_fn is F.cross_entropy:
             _check_head_classes(self.blocks)
 
@@ -193,9 +199,9 @@ class LocalNet(nn.Module):
         h, d = x, None
         last = len(self.blocks) - 1
         pipe = BlockPipeline(x, overlap_enabled(self.overlap, x, len(self.blocks)))
+        if self.config.loss_fn is F.cross_entropy:
+            self._check_label_range(x, y)
         for k, block in enumerate(self.blocks):
-            if k == 0 and self.config.loss_fn is F.cross_entropy:
-                self._check_label_range(block, h, y)
             with pipe.block(k, h, d, y):  # CUDA: block k's stream; no-op otherwise
                 r = engine(block, h, y, d, self.config, need_output_grad=needs_d and k < last)
                 pipe.done(r)
@@ -210,12 +216,40 @@ class LocalNet(nn.Module):
         pipe.finish()
         return self._collect(results, guard)
 
-    def _check_label_range(self, block: LocalBlock, x: torch.Tensor, y: torch.Tensor) -> None:
-        # Labels are checked against every head's class count, read off the heads' last
-        # Linear layer without running them.
-        counts = {m.out_features for b in self.blocks for m in [_last_linear(b.head)] if m is not None}
+    def _check_label_range(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        counts = self._head_classes(x)
         if counts:
-            _checks.labels("y", y, x.shape[0], min(counts))
+            _checks.labels("y", y, x.shape[0], min(counts.values()))
+
+    def _head_classes(self, x: torch.Tensor) -> dict[int, int]:
+        """{block: number of classes its head predicts}. Read off each head's last Linear; a
+        head without one is run once, the first time, on one sample in eval mode (no
+        running-statistics update, no random draws) and the result is kept."""
+        counts = {k: m.out_features for k, b in enumerate(self.blocks) for m in [_last_linear(b.head)] if m is not None}
+        if len(counts) == len(self.blocks):
+            return counts
+        if self._probed_classes is None:
+            self._probed_classes = self._probe_head_classes(x[:1], skip=set(counts))
+        counts.update(self._probed_classes)
+        _check_same_classes(sorted(counts.items()))
+        return counts
+
+    def _probe_head_classes(self, x: torch.Tensor, skip: set) -> dict[int, int]:
+        modes = [(m, m.training) for m in self.modules()]
+        found = {}
+        try:
+            self.eval()
+            with torch.no_grad():
+                for k, b in enumerate(self.blocks):
+                    x = b.module(x)
+                    if k not in skip:
+                        out = b.head(x)
+                        if isinstance(out, torch.Tensor) and out.dim() >= 2:
+                            found[k] = out.shape[1]
+        finally:
+            for m, training in modes:
+                m.training = training
+        return found
 
     def _collect(self, results, guard: "_StepGuard") -> StepStats:
         stats = StepStats()
@@ -246,23 +280,40 @@ class LocalNet(nn.Module):
         return stats
 
 
+def _check_one_device(blocks) -> None:
+    """LocalNet hands x_k from block to block as it is: every parameter must be on one device."""
+    first = None
+    for k, b in enumerate(blocks):
+        for part in ("module", "head"):
+            p = next(getattr(b, part).parameters(), None)
+            if p is None:
+                continue
+            if first is None:
+                first = (f"blocks[{k}].{part}", p.device)
+            elif p.device != first[1]:
+                raise ValueError(f"blocks[{k}].{part}: parameters on {p.device}, but {first[0]}'s are on {first[1]}; "
+                                 "LocalNet runs every block on one device (move the whole LocalNet with .to())")
+
+
 def _last_linear(head: nn.Module) -> Optional[nn.Linear]:
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     return linears[-1] if linears else None
 
 
 def _check_head_classes(blocks) -> None:
-    """Every head's class count (read off its last Linear, where it has one) must agree."""
+    """Every head's class count, read off its last Linear where it has one, must agree."""
+    _check_same_classes([(k, m.out_features) for k, b in enumerate(blocks) for m in [_last_linear(b.head)] if m is not None])
+
+
+def _check_same_classes(counts: list) -> None:
+    """counts: (block, classes) pairs in block order."""
     first = None
-    for k, b in enumerate(blocks):
-        m = _last_linear(b.head)
-        if m is None:
-            continue
+    for k, c in counts:
         if first is None:
-            first = (k, m.out_features)
-        elif m.out_features != first[1]:
+            first = (k, c)
+        elif c != first[1]:
             raise ValueError(
-                f"blocks[{k}].head: predicts {m.out_features} classes, but blocks[{first[0]}].head predicts "
+                f"blocks[{k}].head: predicts {c} classes, but blocks[{first[0]}].head predicts "
                 f"{first[1]}; with the cross-entropy loss every head must output the same classes"
             )
 

@@ -46,6 +46,14 @@ def blocks(dtype=torch.float32, classes=(C, C)):
     ]
 
 
+def conv_head_net(classes):
+    """Heads without a Linear layer (1x1 conv + pooling): their class count is found by running them."""
+    def head(c):
+        return nn.Sequential(nn.Conv2d(4, c, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return LocalNet([LocalBlock(nn.Conv2d(3, 4, 3, padding=1), head(classes[0])),
+                     LocalBlock(nn.Conv2d(4, 4, 3, padding=1), head(classes[1]))], lam=0.1)
+
+
 def net(**kw):
     return LocalNet(blocks(), **{"lam": 0.5, **kw})
 
@@ -122,6 +130,10 @@ META = "meta"  # a second device that exists without a GPU
 CASES = [
     # --- reconcile(a, d, *, distance, eps, impl)
     ("a-not-tensor", "reconcile", lambda _: reconcile([1.0, 2.0], t(2)), TypeError, r"^a: expected a torch.Tensor"),
+    ("a-sparse", "reconcile", lambda _: reconcile(t(2, 3).to_sparse(), t(2, 3).to_sparse()), TypeError,
+     r"^a: expected a dense \(strided\) tensor, got layout torch.sparse_coo"),
+    ("eps-huge-int", "reconcile", lambda _: reconcile(t(2, 3), t(2, 3), eps=10**400), ValueError,
+     r"^eps: expected a finite number >= 0"),
     ("d-not-tensor", "reconcile", lambda _: reconcile(t(2, 3), None), TypeError, r"^d: expected a torch.Tensor"),
     ("a-int-dtype", "reconcile", lambda _: reconcile(torch.ones(2, 3, dtype=torch.long), t(2, 3)), TypeError,
      r"^a: expected a real floating-point tensor"),
@@ -189,6 +201,12 @@ CASES = [
      r"^reduction: expected one of"),
     ("lce-impl-unknown", "linear_ce", lambda _: linear_cross_entropy(t(4, 3), t(5, 3), labels(4, 5), impl="gpu"),
      ValueError, r"^impl: expected one of"),
+    ("lce-ignore-index-int64", "linear_ce",
+     lambda _: linear_cross_entropy(t(4, 3), t(5, 3), labels(4, 5), ignore_index=2**70), ValueError,
+     r"^ignore_index: expected an int64 value"),
+    ("lce-meta-cpp", "linear_ce", lambda _: linear_cross_entropy(t(4, 3, device=META), t(5, 3, device=META),
+                                                                 labels(4, 5).to(META), impl="cpp"),
+     sgr_ext.BackendUnavailable, r"^linear_cross_entropy\(impl='cpp'\): the C\+\+ kernels run on CPU tensors"),
     # --- LocalBlock(module, head)
     ("block-module", "LocalBlock", lambda _: LocalBlock("conv", nn.Linear(2, 2)), TypeError,
      r"^module: expected an nn.Module"),
@@ -215,6 +233,13 @@ CASES = [
      r"^nonfinite: expected one of \('raise', 'skip', 'warn'\)"),
     ("heads-disagree", "LocalNet", lambda _: LocalNet(blocks(classes=(C, C + 1)), lam=0.1), ValueError,
      r"^blocks\[1\].head: predicts 4 classes, but blocks\[0\].head predicts 3"),
+    ("blocks-none", "LocalNet", lambda _: LocalNet(None, lam=0.1), TypeError, r"^blocks: expected a sequence of LocalBlock"),
+    ("blocks-two-devices", "LocalNet", lambda _: LocalNet([blocks()[0], blocks()[1].to(META)], lam=0.1), ValueError,
+     r"^blocks\[1\].module: parameters on meta, but blocks\[0\].module's are on cpu"),
+    ("head-other-device", "LocalNet", lambda _: LocalNet([LocalBlock(nn.Linear(4, 5), nn.Linear(5, C).to(META))], lam=0.1),
+     ValueError, r"^blocks\[0\].head: parameters on meta, but blocks\[0\].module's are on cpu"),
+    ("track-alignment", "LocalNet", lambda _: net(track_alignment="no"), TypeError, r"^track_alignment: expected a bool"),
+    ("lam-huge-int", "LocalNet", lambda _: net(lam=10**400), ValueError, r"^lam: expected a finite number >= 0"),
     # --- LocalNet.train_step(x, y, *, on_block_end)
     ("x-not-tensor", "train_step", lambda _: step([[0.0] * 4] * 8, labels()), TypeError, r"^x: expected a torch.Tensor"),
     ("x-empty-batch", "train_step", lambda _: step(t(0, 4), labels(0)), ValueError, r"^x: expected a non-empty batch"),
@@ -237,6 +262,10 @@ CASES = [
      r"^y: expected class indices in \[0, 3\)"),
     ("y-ignore-index", "train_step", lambda _: step(t(8, 4), torch.tensor([0, 1, -100, 2, 0, 1, 2, 0])), ValueError,
      r"^y: expected class indices in \[0, 3\), got values in \[-100, 2\]"),
+    ("conv-heads-disagree", "train_step", lambda _: conv_head_net((C, C + 2)).train_step(t(4, 3, 6, 6), labels(4)),
+     ValueError, r"^blocks\[1\].head: predicts 5 classes, but blocks\[0\].head predicts 3"),
+    ("conv-heads-y-too-big", "train_step", lambda _: conv_head_net((C, C)).train_step(t(4, 3, 6, 6), torch.full((4,), C)),
+     ValueError, r"^y: expected class indices in \[0, 3\)"),
     ("custom-loss-y-batch", "train_step",
      lambda _: net(loss_fn=lambda out, y: F.mse_loss(out, y)).train_step(t(8, 4), t(6, C)), ValueError,
      r"^y: expected a batch of 8 targets"),

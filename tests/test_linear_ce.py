@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sgr_ext.ops.linear_ce as lce
 from sgr_ext.ops import _backends, linear_cross_entropy
@@ -455,3 +456,21 @@ def test_autocast_casts_inputs():
     assert gx.dtype == torch.float32 and gw.dtype == torch.float32
     ref = ref_loss(x, w, t, b)
     assert rel(out, ref) <= 2 * rel(plain, ref) + 1e-3
+
+
+def test_meta_tensors_propagate_shapes():
+    x, w = torch.randn(5, 4, device="meta"), torch.randn(7, 4, device="meta")
+    target = torch.zeros(5, dtype=torch.long, device="meta")
+    loss = linear_cross_entropy(x, w, target)
+    assert loss.device.type == "meta" and loss.shape == ()
+    assert linear_cross_entropy(x, w, target, reduction="none").shape == (5,)
+
+
+def test_autocast_leaves_float64_alone_like_f_linear():
+    x, w = torch.randn(6, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    target = torch.randint(0, 5, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(x, w, target)
+        want = F.cross_entropy(F.linear(x, w), target)
+    assert got.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)

@@ -294,3 +294,27 @@ def test_boundary_tensors_are_released_once_the_next_block_consumed_them(lam):
     sgr_ext.LocalNet(blocks, lam=lam, track_alignment=True).train_step(x, y, on_block_end=keep_weak)
     assert len(boundary[0]) == 2  # x_0 and D_0 were produced, so the check below can fail
     assert alive_at_start == {2: 0}
+
+
+def test_class_count_probe_of_linear_free_heads_leaves_no_trace():
+    # Heads without a Linear are run once (eval mode, one sample) to read their class
+    # count: that must neither update BatchNorm running statistics nor leave eval mode on.
+    def block(cin):
+        head = nn.Sequential(nn.Conv2d(4, CLASSES, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return sgr_ext.LocalBlock(nn.Sequential(nn.Conv2d(cin, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()), head)
+
+    blocks = [block(3), block(4)]
+    twin = copy.deepcopy(blocks)
+    x = torch.randn(6, 3, 5, 5)
+    y = torch.randint(0, CLASSES, (6,))
+    net = sgr_ext.LocalNet(blocks, lam=0.5)
+    net.train_step(x, y)
+    assert net._probed_classes == {0: CLASSES, 1: CLASSES}
+    assert all(m.training for m in net.modules())
+    with torch.no_grad():  # one train-mode forward per block: the running statistics of one step
+        h = x
+        for b in twin:
+            h = b.module(h)
+    for got, want in zip(blocks, twin):
+        torch.testing.assert_close(got.module[1].running_mean, want.module[1].running_mean, rtol=0, atol=0)
+        torch.testing.assert_close(got.module[1].running_var, want.module[1].running_var, rtol=0, atol=0)

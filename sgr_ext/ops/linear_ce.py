@@ -638,12 +638,16 @@ def _resolve_impl(impl: Optional[str], device: torch.device, n: int, v: int) -> 
     return "torch"
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
 def _validate(x, weight, target, bias, reduction, ignore_index, impl):
     reduction = _checks.choice("reduction", reduction, REDUCTIONS)
     if impl is not None:
         _checks.choice("impl", impl, IMPLS)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index: expected an int64 value, got {ignore_index}")
     _checks.tensor("x", x, floating=True)
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D tensor (N, H), got shape {tuple(x.shape)}")
@@ -714,7 +718,9 @@ def linear_cross_entropy(
     """
     reduction = _validate(x, weight, target, bias, reduction, ignore_index, impl)
     dev_type = x.device.type
-    if torch.is_autocast_enabled(dev_type):
+    # autocast casts float32/16 (never float64) inputs, as it does for F.linear; "meta" and
+    # other device types without autocast have nothing to ask
+    if dev_type in _AUTOCAST_DEVICES and x.dtype != torch.float64 and torch.is_autocast_enabled(dev_type):
         dt = torch.get_autocast_dtype(dev_type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
@@ -726,7 +732,7 @@ def linear_cross_entropy(
         target = target.long()
     v = weight.shape[0]
     impl = _resolve_impl(impl, x.device, x.shape[0], v)
-    if not torch.compiler.is_compiling() and (x.device.type == "cpu" or impl == "torch"):
+    if not torch.compiler.is_compiling() and x.device.type != "meta" and (x.device.type == "cpu" or impl == "torch"):
         # CUDA + "triton" checks inside the op, after the first chunk is queued
         _check_target_range(target, v, ignore_index)
     if impl == "torch":
