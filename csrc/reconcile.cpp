@@ -61,15 +61,17 @@ void check_pair(const at::Tensor& a, const at::Tensor& d) {
               "sgr_ext_cpp.reconcile: float16/bfloat16/float32/float64 expected, got ", t);
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+// The loss: float64 for float64 inputs, else float32. The per-sample stats: the same for l2,
+// float64 for cosine, whose |a|^2 leaves float32's range beyond |a| ~ 1e19 and below 1e-19
+// although the cosine itself does not depend on the scale.
+at::ScalarType loss_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType stats_type(at::ScalarType t, bool cosine) { return cosine ? at::kDouble : loss_type(t); }
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
 
 // part: (B, nc, S) partial sums of task (b, c).
-template <typename scalar_t, bool COSINE>
-void fwd_partials(const scalar_t* a, const scalar_t* d, int64_t B, int64_t F, int64_t nc,
-                  typename Acc<scalar_t>::type* part) {
-  using acc_t = typename Acc<scalar_t>::type;
+template <typename scalar_t, typename acc_t, bool COSINE>
+void fwd_partials(const scalar_t* a, const scalar_t* d, int64_t B, int64_t F, int64_t nc, acc_t* part) {
   constexpr int64_t S = COSINE ? 3 : 1;
   const int64_t tasks = B * nc;
 #pragma omp parallel for schedule(static) num_threads(num_threads()) if (tasks > 1 && B * F > 32768)
@@ -104,20 +106,19 @@ void fwd_partials(const scalar_t* a, const scalar_t* d, int64_t B, int64_t F, in
   }
 }
 
-template <typename scalar_t>
+// acc_t: the stats' type (see stats_type)
+template <typename scalar_t, typename acc_t>
 std::tuple<at::Tensor, at::Tensor> fwd_impl(const at::Tensor& a2, const at::Tensor& d2, bool cosine, double eps) {
-  using acc_t = typename Acc<scalar_t>::type;
   const int64_t B = a2.size(0), F = a2.size(1);
   const int64_t nc = std::max<int64_t>(1, (F + kChunk - 1) / kChunk);
   const int64_t S = cosine ? 3 : 1;
-  const auto opts = a2.options().dtype(acc_type(a2.scalar_type()));
   std::vector<acc_t> part(static_cast<size_t>(B * nc * S));
   if (cosine) {
-    fwd_partials<scalar_t, true>(a2.data_ptr<scalar_t>(), d2.data_ptr<scalar_t>(), B, F, nc, part.data());
+    fwd_partials<scalar_t, acc_t, true>(a2.data_ptr<scalar_t>(), d2.data_ptr<scalar_t>(), B, F, nc, part.data());
   } else {
-    fwd_partials<scalar_t, false>(a2.data_ptr<scalar_t>(), d2.data_ptr<scalar_t>(), B, F, nc, part.data());
+    fwd_partials<scalar_t, acc_t, false>(a2.data_ptr<scalar_t>(), d2.data_ptr<scalar_t>(), B, F, nc, part.data());
   }
-  at::Tensor stats = at::empty({B, S}, opts);
+  at::Tensor stats = at::empty({B, S}, a2.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   acc_t* st = stats.data_ptr<acc_t>();
   double total = 0.0;  // B scalars: summed in double, in order
   for (int64_t b = 0; b < B; ++b) {
@@ -133,9 +134,8 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const at::Tensor& a2, const at::Tens
       total += static_cast<double>(st[b]);
     }
   }
-  at::Tensor loss = at::empty({}, opts);
-  loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(total / static_cast<double>(B));
-  return {loss, stats};
+  at::Tensor loss = at::scalar_tensor(total / static_cast<double>(B), a2.options().dtype(at::kDouble));
+  return {loss.to(loss_type(a2.scalar_type())), stats};
 }
 
 std::tuple<at::Tensor, at::Tensor> reconcile_fwd_cpu(const at::Tensor& a, const at::Tensor& d,
@@ -147,14 +147,18 @@ std::tuple<at::Tensor, at::Tensor> reconcile_fwd_cpu(const at::Tensor& a, const 
   const at::Tensor d2 = d.reshape({B, -1}).contiguous();
   std::tuple<at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "sgr_ext_cpp.reconcile_fwd",
-                                  [&] { out = fwd_impl<scalar_t>(a2, d2, cosine, eps); });
+                                  [&] {
+                                    using acc_t = typename Acc<scalar_t>::type;
+                                    out = cosine ? fwd_impl<scalar_t, double>(a2, d2, true, eps)
+                                                 : fwd_impl<scalar_t, acc_t>(a2, d2, false, eps);
+                                  });
   return out;
 }
 
-template <typename scalar_t>
+// acc_t: the stats' type (see stats_type)
+template <typename scalar_t, typename acc_t>
 void bwd_impl(const at::Tensor& a2, const at::Tensor& d2, const at::Tensor& stats, double g, bool cosine, double eps,
               at::Tensor& out) {
-  using acc_t = typename Acc<scalar_t>::type;
   const int64_t B = a2.size(0), F = a2.size(1);
   const int64_t nc = std::max<int64_t>(1, (F + kChunk - 1) / kChunk);
   const acc_t gb = static_cast<acc_t>(g / static_cast<double>(B));
@@ -198,7 +202,7 @@ at::Tensor reconcile_bwd_cpu(const at::Tensor& grad, const at::Tensor& a, const 
   check_pair(a, d);
   const bool cosine = is_cosine(distance);
   const int64_t B = a.size(0);
-  const auto acc = acc_type(a.scalar_type());
+  const auto acc = stats_type(a.scalar_type(), cosine);
   TORCH_CHECK(grad.numel() == 1, "sgr_ext_cpp.reconcile_bwd: grad must have one element, got shape ",
               grad.sizes());
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == B && stats.size(1) == (cosine ? 3 : 1),
@@ -210,7 +214,14 @@ at::Tensor reconcile_bwd_cpu(const at::Tensor& grad, const at::Tensor& a, const 
   const at::Tensor st = stats.to(acc).contiguous();
   at::Tensor out = at::empty_like(a2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "sgr_ext_cpp.reconcile_bwd",
-                                  [&] { bwd_impl<scalar_t>(a2, d2, st, g, cosine, eps, out); });
+                                  [&] {
+                                    using acc_t = typename Acc<scalar_t>::type;
+                                    if (cosine) {
+                                      bwd_impl<scalar_t, double>(a2, d2, st, g, true, eps, out);
+                                    } else {
+                                      bwd_impl<scalar_t, acc_t>(a2, d2, st, g, false, eps, out);
+                                    }
+                                  });
   return out.view(a.sizes());
 }
 

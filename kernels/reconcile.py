@@ -6,8 +6,9 @@ float32:
 
     reconcile_fwd(a, d, cosine, eps) -> (loss, stats)
         loss  : 0-dim acc, (1/B) * sum_i dist(a_i, d_i)
-        stats : (B, S) acc; S = 1 for squared L2 (|a_i - d_i|^2), S = 3 for cosine
-                (|a_i|^2, <a_i, d_i>, |d_i|^2)
+        stats : (B, S); S = 1 for squared L2 (|a_i - d_i|^2) in acc, S = 3 for cosine
+                (|a_i|^2, <a_i, d_i>, |d_i|^2) in float64 for every input dtype (|a|^2 of
+                float32 values overflows from |a| ~ 1e19; the cosine is scale-free)
     reconcile_bwd(g, a, d, stats, cosine, eps) -> grad_a, (B, F) in a's dtype
         grad_a = g * d loss / d a (g: 0-dim acc, the incoming gradient)
 
@@ -219,8 +220,11 @@ class Config:
 _TL_ACC = {torch.float64: tl.float64}
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _acc(dtype: torch.dtype, cosine: bool = False) -> torch.dtype:
+    """The accumulate (and stats) dtype: float64 for float64 inputs and for cosine, whose |a|^2
+    leaves float32's range beyond |a| ~ 1e19 and below 1e-19 although the cosine itself is
+    scale-free; float32 otherwise. The loss is returned in ``_acc(dtype)``."""
+    return torch.float64 if dtype == torch.float64 or cosine else torch.float32
 
 
 @functools.lru_cache(maxsize=64)
@@ -277,7 +281,7 @@ def reconcile_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """a, d: (B, F) contiguous, same dtype. Returns (loss (), stats (B, S)) in the accumulate dtype."""
     B, F = a.shape
-    acc = _acc(a.dtype)
+    acc = _acc(a.dtype, cosine)
     tl_acc = _TL_ACC.get(acc, tl.float32)
     cfg = config or default_config(B, F, a.element_size(), a.device)
     grid = cfg.grid(B, F)
@@ -297,7 +301,7 @@ def reconcile_fwd(
             part, stats, loss, B, grid[1], eps_hi, eps_lo,
             COSINE=cosine, BLOCK_B=block_b, ACC=tl_acc, num_warps=4,
         )
-    return loss, stats
+    return loss.to(_acc(a.dtype)), stats
 
 
 def reconcile_bwd(
@@ -311,7 +315,7 @@ def reconcile_bwd(
 ) -> torch.Tensor:
     """g: () accumulate dtype; a, d: (B, F) contiguous; stats from reconcile_fwd. Returns (B, F) in a's dtype."""
     B, F = a.shape
-    acc = _acc(a.dtype)
+    acc = _acc(a.dtype, cosine)
     tl_acc = _TL_ACC.get(acc, tl.float32)
     cfg = config or default_config(B, F, a.element_size(), a.device)
     grid = cfg.grid(B, F)

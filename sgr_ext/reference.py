@@ -14,14 +14,21 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def penalty_dtype(dtype: torch.dtype, distance: str) -> torch.dtype:
+    """What ``reconcile`` computes its per-sample sums in: ``accumulate_dtype`` for l2, and
+    float64 for cosine, whose |a|^2 leaves float32's range beyond |a| ~ 1e19 (and underflows
+    below 1e-19) although the cosine itself does not depend on the scale."""
+    return torch.float64 if distance == "cosine" else accumulate_dtype(dtype)
+
+
 def reconcile_per_sample(a: torch.Tensor, d: torch.Tensor, distance: str, eps: float) -> torch.Tensor:
     """dist(a_i, d_i) for every sample i.
 
-    a, d: (B, *) of one floating dtype. Returns (B,) in the accumulate dtype
-    (float32 for half types, float64 for float64). Differentiable (any order) in ``a``;
-    ``d`` is treated as a constant.
+    a, d: (B, *) of one floating dtype. Returns (B,) in ``penalty_dtype`` (float32 for l2 of
+    half/single types, float64 for float64 and for cosine). Differentiable (any order) in
+    ``a``; ``d`` is treated as a constant.
     """
-    acc = accumulate_dtype(a.dtype)
+    acc = penalty_dtype(a.dtype, distance)
     a2 = a.reshape(a.shape[0], -1).to(acc)
     d2 = d.detach().reshape(d.shape[0], -1).to(acc)
     if distance == "l2":
@@ -32,7 +39,7 @@ def reconcile_per_sample(a: torch.Tensor, d: torch.Tensor, distance: str, eps: f
 
 def reconcile_torch(a: torch.Tensor, d: torch.Tensor, distance: str, eps: float) -> torch.Tensor:
     """(1/B) * sum_i dist(a_i, d_i) as a 0-dim tensor in the accumulate dtype."""
-    return reconcile_per_sample(a, d, distance, eps).mean()
+    return reconcile_per_sample(a, d, distance, eps).mean().to(accumulate_dtype(a.dtype))
 
 
 def linear_cross_entropy_torch(

@@ -25,13 +25,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
 from sgr_ext.ops import _backends
 from sgr_ext.ops.linear_ce import linear_cross_entropy
 from sgr_ext.ops.reconcile import reconcile
-from sgr_ext.reference import accumulate_dtype, reconcile_torch
+from sgr_ext.reference import accumulate_dtype, penalty_dtype, reconcile_torch
 
 N_EXAMPLES = int(os.environ.get("SGR_HYPOTHESIS_EXAMPLES", "12"))
 SETTINGS = settings(max_examples=N_EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -95,8 +95,13 @@ def reconcile_cases(draw):
     distance = draw(st.sampled_from(["l2", "cosine"]))
     eps = draw(st.sampled_from([1e-8, 0.0, 1e-3]))
     seed = draw(st.integers(0, 2**31 - 1))
+    note(f"dtype={dtype} shape={(b, *sample)} kind={kind} ea={ea} ed={ed} distance={distance} eps={eps}")
+    return reconcile_case(dtype, (b, *sample), ea, ed, kind, distance, eps, seed)
+
+
+def reconcile_case(dtype, shape, ea, ed, kind, distance, eps, seed=0):
+    """(a, d, distance, eps): a and d of ``kind`` at magnitudes 10**ea and 10**ed."""
     gen = torch.Generator().manual_seed(seed)
-    shape = (b, *sample)
     a = _values(gen, shape, dtype, ea, "near_max" if kind == "near_max" else ("constant" if kind == "constant" else "random"))
     d = _values(gen, shape, dtype, ed, "near_max" if kind == "near_max" else "random")
     if kind == "a_eq_d":
@@ -107,8 +112,30 @@ def reconcile_cases(draw):
         a = torch.zeros_like(a)
     elif kind == "zero_d":
         d = torch.zeros_like(d)
-    note(f"dtype={dtype} shape={shape} kind={kind} ea={ea} ed={ed} distance={distance} eps={eps}")
     return a, d, distance, eps
+
+
+# The ends of the ranges, every time (the derandomised search draws few examples): float32 at
+# 1e-30 and 1e30, bfloat16 near its overflow threshold, both distances.
+EXTREME_RECONCILE = [
+    reconcile_case(torch.float32, (3, 50), 30, 30, "random", "cosine", 1e-8, 1),
+    reconcile_case(torch.float32, (2, 7, 5), 20, 19, "random", "cosine", 0.0, 2),
+    reconcile_case(torch.float32, (3, 50), -30, -30, "random", "cosine", 0.0, 3),
+    reconcile_case(torch.float32, (4, 33), -30, -29, "random", "l2", 1e-8, 4),
+    reconcile_case(torch.float32, (2, 40), 15, 15, "a_neg_d", "l2", 1e-8, 5),
+    reconcile_case(torch.bfloat16, (3, 64), 0, 0, "near_max", "cosine", 1e-8, 6),
+    reconcile_case(torch.bfloat16, (3, 64), 0, 0, "near_max", "l2", 1e-8, 7),
+    reconcile_case(torch.bfloat16, (2, 9), 37, 36, "random", "cosine", 1e-8, 8),
+]
+
+
+def _with_examples(cases, **fixed):
+    """``@example(case=c, **fixed)`` for every c in ``cases``."""
+    def deco(f):
+        for c in cases:
+            f = example(case=c, **fixed)(f)
+        return f
+    return deco
 
 
 def _reconcile_domain(a64, d64, acc, distance, eps) -> bool:
@@ -145,6 +172,7 @@ def _forward_tol(acc, distance, numel):
 @pytest.mark.parametrize("impl", IMPLS)
 @SETTINGS
 @given(case=reconcile_cases())
+@_with_examples(EXTREME_RECONCILE)
 def test_reconcile_forward_matches_float64(impl, case):
     a, d, distance, eps = case
     dev = _device(impl)
@@ -155,7 +183,7 @@ def test_reconcile_forward_matches_float64(impl, case):
     ref = reconcile(a, d, distance=distance, eps=eps, impl="torch")
     assert got.dtype == acc and got.shape == ()
     rtol, atol = _forward_tol(acc, distance, a.numel())
-    if _reconcile_domain(a.double(), d.double(), acc, distance, eps):
+    if _reconcile_domain(a.double(), d.double(), penalty_dtype(a.dtype, distance), distance, eps):
         assert torch.isfinite(got), got
         assert _close(got, truth, rtol, atol), (float(got), float(truth))
         assert _close(ref, truth, rtol, atol), (float(ref), float(truth))
@@ -196,6 +224,7 @@ def _grad_close(got, want64, dtype, scale=None):
 @pytest.mark.parametrize("impl", IMPLS)
 @SETTINGS
 @given(case=reconcile_cases(), g=st.sampled_from([1.0, -0.3, 7.5]))
+@_with_examples(EXTREME_RECONCILE, g=-0.3)
 def test_reconcile_backward_matches_float64(impl, case, g):
     a, d, distance, eps = case
     dev = _device(impl)
@@ -212,7 +241,7 @@ def test_reconcile_backward_matches_float64(impl, case, g):
     got, ref = grad_of(impl), grad_of("torch")
     representable = bool(torch.isfinite(want).all()) and float(want.abs().max()) < torch.finfo(a.dtype).max / 8
     scale = _term_scale(a.double(), d.double(), distance, eps, g) if representable else None
-    if representable and _reconcile_domain(a.double(), d.double(), accumulate_dtype(a.dtype), distance, eps):
+    if representable and _reconcile_domain(a.double(), d.double(), penalty_dtype(a.dtype, distance), distance, eps):
         assert bool(torch.isfinite(got).all())
         assert _grad_close(got, want, a.dtype, scale), (float((got.double() - want).abs().max()), scale)
     if bool(torch.isfinite(ref).all()) and representable and _grad_close(ref, want, a.dtype, scale):
@@ -285,6 +314,12 @@ def linear_ce_cases(draw):
     e = draw(st.integers(lo, hi)) if kind == "extreme" else 0
     ignore_frac = draw(st.sampled_from([0.0, 0.0, 0.3, 1.0]))
     seed = draw(st.integers(0, 2**31 - 1))
+    note(f"dtype={dtype} N={n} H={h} V={v} bias={bias} reduction={reduction} kind={kind} e={e} ignore={ignore_frac}")
+    return linear_ce_case(dtype, n, h, v, bias, reduction, kind, e, ignore_frac, seed)
+
+
+def linear_ce_case(dtype, n, h, v, bias, reduction, kind, e=0, ignore_frac=0.0, seed=0):
+    """(x, w, b, t, reduction) of ``kind``: random, equal_logits, extreme (x at 10**e) or near_overflow."""
     gen = torch.Generator().manual_seed(seed)
     big = torch.finfo(dtype).max
     x = torch.randn(n, h, generator=gen, dtype=torch.float64)
@@ -303,8 +338,17 @@ def linear_ce_cases(draw):
     t = torch.randint(0, v, (n,), generator=gen)
     ignore = torch.rand(n, generator=gen) < ignore_frac
     t = torch.where(ignore, torch.full_like(t, -100), t)
-    note(f"dtype={dtype} N={n} H={h} V={v} bias={bias} reduction={reduction} kind={kind} e={e} ignore={ignore_frac}")
     return x, w, b, t, reduction
+
+
+EXTREME_LINEAR_CE = [
+    linear_ce_case(torch.float32, 9, 5, 11, True, "mean", "extreme", 30, 0.3, 1),
+    linear_ce_case(torch.float32, 9, 5, 11, False, "none", "extreme", -30, 0.0, 2),
+    linear_ce_case(torch.bfloat16, 7, 6, 13, True, "sum", "near_overflow", 0, 0.0, 3),
+    linear_ce_case(torch.float16, 7, 6, 13, False, "mean", "near_overflow", 0, 0.3, 4),
+    linear_ce_case(torch.float32, 5, 4, 3, True, "mean", "equal_logits", 0, 0.0, 5),
+    linear_ce_case(torch.bfloat16, 5, 4, 17, True, "none", "equal_logits", 0, 0.0, 6),
+]
 
 
 def _lce_truth(x, w, b, t, reduction):
@@ -339,6 +383,7 @@ def _err(got, want):
 @pytest.mark.parametrize("impl", IMPLS)
 @SETTINGS
 @given(case=linear_ce_cases())
+@_with_examples(EXTREME_LINEAR_CE)
 def test_linear_ce_matches_float64_and_is_never_worse_than_torch(impl, case):
     x, w, b, t, reduction = case
     dev = _device(impl)

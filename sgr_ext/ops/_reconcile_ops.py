@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from sgr_ext.ops import _backends
-from sgr_ext.reference import accumulate_dtype
+from sgr_ext.reference import accumulate_dtype, penalty_dtype
 
 KERNEL_IMPLS = ("triton", "cpp")
 
@@ -63,7 +63,7 @@ def _cpp():
 
 
 def kernel_fwd(a: Tensor, d: Tensor, distance: str, eps: float, impl: str) -> tuple[Tensor, Tensor]:
-    """One fused pass over a and d: (loss (), stats (B, S)) in the accumulate dtype."""
+    """One fused pass over a and d: (loss () in the accumulate dtype, stats (B, S) in ``penalty_dtype``)."""
     if impl == "triton":
         return _triton_module().reconcile_fwd(_flat(a), _flat(d), distance == "cosine", eps)
     if impl == "cpp":
@@ -87,15 +87,15 @@ def kernel_bwd(grad: Tensor, a: Tensor, d: Tensor, stats: Tensor, distance: str,
 
 @torch.library.custom_op("sgr_ext::reconcile_fwd", mutates_args=())
 def reconcile_fwd(a: Tensor, d: Tensor, distance: str, eps: float, impl: str) -> tuple[Tensor, Tensor]:
-    """(loss (), stats (B, S)) in the accumulate dtype; S = 1 (l2) or 3 (cosine)."""
+    """(loss () in the accumulate dtype, stats (B, S) in ``penalty_dtype``); S = 1 (l2) or 3 (cosine)."""
     return kernel_fwd(a, d, distance, eps, impl)
 
 
 @reconcile_fwd.register_fake
 def _(a, d, distance, eps, impl):
-    acc = accumulate_dtype(a.dtype)
     s = 3 if distance == "cosine" else 1
-    return a.new_empty((), dtype=acc), a.new_empty((a.shape[0], s), dtype=acc)
+    return (a.new_empty((), dtype=accumulate_dtype(a.dtype)),
+            a.new_empty((a.shape[0], s), dtype=penalty_dtype(a.dtype, distance)))
 
 
 def _fwd_setup_context(ctx, inputs, output):
@@ -196,10 +196,10 @@ def double_backward(
 ) -> tuple[Tensor, Tensor]:
     """Vector-Jacobian product of grad_a(g, a) = g * d loss/d a with ``gg``: (d/dg, d/da).
 
-    Composite torch ops in the accumulate dtype (differentiable again). Returns
+    Composite torch ops in ``penalty_dtype`` (differentiable again). Returns
     (scalar like ``g``, tensor like ``a``).
     """
-    acc = accumulate_dtype(a.dtype)
+    acc = penalty_dtype(a.dtype, distance)
     B = a.shape[0]
     a2 = a.reshape(B, -1).to(acc)
     d2 = d.detach().reshape(B, -1).to(acc)
