@@ -260,8 +260,17 @@ def test_double_backward_matches_reference(impl, reduction, bias):
         assert rel(a, r) < 1e-10
 
 
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("v", [3, 1000, 4099])
+def test_double_backward_odd_vocabularies(impl, v):
+    x, w, b, t = make(13, 5, v, bias=True, ignore=(2, 7), device=_device(impl))
+    for a, r in zip(_penalty_grads(impl, x, w, b, t, "mean"), _penalty_grads(None, x, w, b, t, "mean")):
+        assert a.shape == r.shape
+        assert rel(a, r) < 1e-10
+
+
 @pytest.mark.parametrize("impl", [pytest.param("cpp", marks=cpp_only), pytest.param("triton", marks=triton_only)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_double_backward_low_precision(impl, dtype):
     """Second derivatives in bf16/fp32: error vs float64 at most about plain torch's."""
     dev = _device(impl)
