@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from sgr_ext.net import LocalNet, NonFiniteError, StepStats
+from sgr_ext.net import EAGER_STEP, LocalNet, NonFiniteError, StepStats
 
 __all__ = [
     "PARALLEL_MODES",
@@ -303,6 +303,7 @@ class DataParallelLocalNet:
         self.sync_buffers()
 
     # -- the step
+    @torch.compiler.disable(reason=EAGER_STEP)
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         """One data-parallel step; see the class docstring. Call on every rank with the same batch."""
         if self.shard_input:
@@ -603,6 +604,7 @@ class PipelineStage:
         self._retire(0)
 
     # -- the step
+    @torch.compiler.disable(reason=EAGER_STEP)
     def train_step(self, x: Optional[torch.Tensor], y: torch.Tensor) -> StepStats:
         """One pipelined step over M micro-batches; see the class docstring."""
         net, cfg = self.net, self.net.config

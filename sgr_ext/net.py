@@ -16,6 +16,8 @@ from sgr_ext.engine.pipeline import BlockPipeline, overlap_enabled
 
 
 NONFINITE_POLICIES = ("raise", "skip", "warn")
+EAGER_STEP = ("sgr_ext: a local-learning step always runs eagerly (its per-block autograd calls and host sync "
+              "cannot be captured in one graph); compile the model code around it, or the blocks' modules")
 
 
 class NonFiniteError(FloatingPointError):
@@ -172,6 +174,11 @@ class LocalNet(nn.Module):
         """The per-block step function ``train_step`` calls (also used by ``sgr_ext.distributed``)."""
         return forward_grad.step if self.grad == "forward" else ENGINES[self.mode]
 
+    # torch.compile cannot capture a step: K autograd calls and the step's host sync break
+    # the graph, and dynamo's partial capture of the engines' create_graph/requires_grad_
+    # choreography gave silently wrong penalty gradients (torch 2.14). So the step always
+    # runs eagerly (under fullgraph=True, dynamo says so); the ops compile on their own.
+    @torch.compiler.disable(reason=EAGER_STEP)
     def train_step(self, x: torch.Tensor, y: torch.Tensor, *, on_block_end: Optional[Callable] = None) -> StepStats:
         """One local-learning step: ADD grad of J_k = l_k + lam * R_k to every block's ``p.grad``.
 

@@ -114,7 +114,9 @@ def reconcile(
 
     Returns:
         0-dim tensor, float32 for half/single inputs, float64 for float64. Its gradient
-        w.r.t. ``a`` has ``a``'s dtype. Inputs may be non-contiguous.
+        w.r.t. ``a`` has ``a``'s dtype. Inputs may be non-contiguous. l2 accumulates in
+        float32 (float64 for float64 inputs); cosine always in float64, so that |a|^2 stays
+        in range at any scale of a (the cosine itself is scale-free).
     """
     _checks.tensor("a", a, floating=True, min_dim=1)
     _checks.tensor("d", d, floating=True, min_dim=1)
