@@ -223,17 +223,17 @@ class LocalNet(nn.Module):
         pipe.finish()
         return self._collect(results, guard)
 
-    def _check_label_range(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        counts = self._head_classes(x)
+    def _check_label_range(self, x: torch.Tensor, y: torch.Tensor, probe: bool = True) -> None:
+        counts = self._head_classes(x, probe)
         if counts:
             _checks.labels("y", y, x.shape[0], min(counts.values()))
 
-    def _head_classes(self, x: torch.Tensor) -> dict[int, int]:
+    def _head_classes(self, x: torch.Tensor, probe: bool = True) -> dict[int, int]:
         """{block: number of classes its head predicts}. Read off each head's last Linear; a
-        head without one is run once, the first time, on one sample in eval mode (no
-        running-statistics update, no random draws) and the result is kept."""
+        head without one is run once (``probe``), the first time, on one sample in eval mode
+        (no running-statistics update, no random draws) and the result is kept."""
         counts = {k: m.out_features for k, b in enumerate(self.blocks) for m in [_last_linear(b.head)] if m is not None}
-        if len(counts) == len(self.blocks):
+        if len(counts) == len(self.blocks) or not probe:
             return counts
         if self._probed_classes is None:
             self._probed_classes = self._probe_head_classes(x[:1], skip=set(counts))

@@ -268,6 +268,35 @@ def test_cli_bad_arguments_one_line_exit_2(argv, match, capsys, tmp_path):
     assert "Traceback" not in lines[0]
 
 
+@pytest.mark.parametrize("out", ["file", "file/sub", ""])
+def test_cli_bad_out_one_line_exit_2(out, capsys, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    target = str(tmp_path / out) if out else ""
+    code, lines = run_cli(["--arch", "digits_cnn", "--modules", "2", "--epochs", "1", "--train-subset", "32",
+                           "--out", target, "--no-progress"], capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert "--out" in lines[0] and "Traceback" not in lines[0]
+
+
+def test_npz_dataset_is_named_after_its_file_and_resume_checks_it(tmp_path):
+    first = tiny_npz(tmp_path / "first.npz", size=8, channels=1)
+    other = tiny_npz(tmp_path / "other.npz", size=8, channels=1, seed=1)
+    assert load_dataset(str(first)).name == "first"
+    cfg = dict(arch="digits_cnn", modules=2, batch_size=24, progress=False, plots=False, augment="none",
+               out=str(tmp_path / "run"))
+    train(TrainConfig(data=str(first), epochs=2, stop_after=1, **cfg))
+    with pytest.raises(ValueError, match=r"different configuration \(dataset: .*'first'.* vs now .*'other'"):
+        train(TrainConfig(data=str(other), epochs=2, resume="auto", **cfg))
+
+
+def test_npz_without_test_images_is_an_error(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "notest.npz", x_train=rng.integers(0, 256, (8, 8, 8), dtype=np.uint8),
+             y_train=rng.integers(0, 3, 8), x_test=np.zeros((0, 8, 8), dtype=np.uint8), y_test=np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="x_test: expected at least 1 test image"):
+        load_dataset(str(tmp_path / "notest.npz"))
+
+
 def test_cli_corrupt_checkpoint_one_line(tmp_path, capsys):
     (tmp_path / "checkpoint.pt").write_bytes(b"SGRCKPT\x01" + b"\x00" * 10)
     code, lines = run_cli(["--out", str(tmp_path), "--resume"], capsys)

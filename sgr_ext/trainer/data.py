@@ -49,12 +49,14 @@ def from_arrays(name: str, x_train, y_train, x_test, y_test, num_classes: int | 
         raise ValueError(f"x_test: expected images of shape {x_train.shape[1:]} like x_train, got {x_test.shape[1:]}")
     if len(x_train) < 2:
         raise ValueError(f"x_train: expected at least 2 training images, got {len(x_train)}")
-    for name, x in (("x_train", x_train), ("x_test", x_test)):
+    if len(x_test) < 1:
+        raise ValueError("x_test: expected at least 1 test image, got none")
+    for key, x in (("x_train", x_train), ("x_test", x_test)):
         if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
-            raise ValueError(f"{name}: expected integer or floating-point pixel values, got dtype {x.dtype}")
+            raise ValueError(f"{key}: expected integer or floating-point pixel values, got dtype {x.dtype}")
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
             bad = int(np.flatnonzero((~np.isfinite(x.reshape(len(x), -1))).any(axis=1))[0])
-            raise ValueError(f"{name}: image {bad} contains NaN or infinite values")
+            raise ValueError(f"{key}: image {bad} contains NaN or infinite values")
     y_train = _labels("y_train", y_train, len(x_train))
     y_test = _labels("y_test", y_test, len(x_test))
     classes = int(max(y_train.max(), y_test.max() if len(y_test) else 0)) + 1

@@ -153,6 +153,8 @@ class TrainConfig:
                 raise ValueError(
                     f"--method sgr-fast: this install has no fast engine (LocalNet modes: {tuple(ENGINES)})"
                 )
+        if self.out is not None and (not isinstance(self.out, str) or not self.out.strip()):
+            raise ValueError(f"--out: expected a directory path, got {self.out!r}")
         if self.resume is not None and self.out is None and self.resume == "auto":
             raise ValueError("--resume: needs --out (the run directory) or a checkpoint path")
         # BP-free training
@@ -766,7 +768,10 @@ class _Run:
         cfg = self.cfg
         writes = self.out is not None and self.is_logger
         if writes:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file in the way, no permission, ...
+                raise ValueError(f"--out {self.out}: cannot create the run directory ({exc.strerror or exc})") from None
             if self.saved is None and cfg.checkpoint and (self.out / CHECKPOINT_NAME).exists():
                 print(f"sgr-ext train: note: {self.out / CHECKPOINT_NAME} from an earlier run will be overwritten "
                       "(pass --resume to continue it)", file=sys.stderr)
