@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = ("sgr_ext.demo", "sgr_ext.trainer.cli")
@@ -22,7 +23,10 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        # Bad arguments or input: one line, not a traceback.
+        # Bad arguments or input: one line, not a traceback (SGR_EXT_DEBUG=1: the traceback,
+        # for telling a library bug from bad input).
+        if os.environ.get("SGR_EXT_DEBUG") == "1":
+            raise
         print(f"sgr-ext {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
