@@ -288,11 +288,13 @@ def write_report(out: Path, rec: dict) -> None:
             if rows:
                 label = scheme if mb is None else f"{scheme}, M={mb}"
                 ax.plot([r["n_devices"] for r in rows], [r["samples_per_s"] for r in rows], style, label=label)
+    unit = "CPU core" if a.get("device", "cuda").startswith("cpu") else "GPU"
     if tp:
-        ax.plot([2], [tp["data_parallel"]["samples_per_s"]], "k^", ms=9, label="measured DP, 2 procs / 1 GPU")
-        ax.plot([2], [tp["module_parallel"]["samples_per_s"]], "kv", ms=9, label="measured MP, 2 procs / 1 GPU")
-    ax.axhline(base, color="gray", lw=0.8, ls=":", label="1 GPU, measured")
-    ax.set_xlabel("GPUs N")
+        ranks = "2 procs, a core each" if unit == "CPU core" else "2 procs / 1 GPU"
+        ax.plot([2], [tp["data_parallel"]["samples_per_s"]], "k^", ms=9, label=f"measured DP, {ranks}")
+        ax.plot([2], [tp["module_parallel"]["samples_per_s"]], "kv", ms=9, label=f"measured MP, {ranks}")
+    ax.axhline(base, color="gray", lw=0.8, ls=":", label=f"1 {unit}, measured")
+    ax.set_xlabel(f"{unit}s N")
     ax.set_ylabel("samples / s")
     ax.set_xscale("log", base=2)
     ax.set_title(f"{a['arch']} K={a['modules']}, B={B}: predicted throughput ({a['link_gbps']:g} GB/s link)", fontsize=9)
