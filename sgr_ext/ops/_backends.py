@@ -8,10 +8,12 @@ half-install.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 import warnings
 from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -44,6 +46,19 @@ def _cpp_sources() -> list[str]:
     return sorted(str(p) for p in root.iterdir() if p.name.endswith(".cpp"))
 
 
+def _build_name(sources: list[str], flags: list[str]) -> str:
+    """A build (and cache directory) name per source content, flags and torch version: two
+    installs with different sources (a checkout and a venv, two versions) never rebuild
+    over each other's cache, which also made processes that start together wait on a
+    rebuild."""
+    digest = hashlib.sha256()
+    for src in sources:
+        digest.update(Path(src).read_bytes())
+    digest.update(" ".join(flags).encode())
+    digest.update(torch.__version__.encode())
+    return f"sgr_ext_cpp_{digest.hexdigest()[:12]}"
+
+
 @functools.lru_cache(maxsize=None)
 def cpp_ops():
     """``torch.ops.sgr_ext_cpp`` after building ``csrc/`` once (cached on disk by torch), or None.
@@ -60,7 +75,7 @@ def cpp_ops():
 
         flags = ["-O3", "-fopenmp", "-march=native" if os.environ.get("SGR_EXT_NATIVE") == "1" else "-O3"]
         load(
-            name="sgr_ext_cpp",
+            name=_build_name(sources, flags),
             sources=sources,
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
