@@ -47,12 +47,12 @@ def _cpp_sources() -> list[str]:
 
 
 def _build_name(sources: list[str], flags: list[str]) -> str:
-    """A build (and cache directory) name per source content, flags and torch version: two
-    installs with different sources (a checkout and a venv, two versions) never rebuild
-    over each other's cache, which also made processes that start together wait on a
-    rebuild."""
+    """A build (and cache directory) name per source files (path and content), flags and
+    torch version: two installs (a checkout and a venv, two versions) never rebuild over
+    each other's cache, which also made processes that start together wait on a rebuild."""
     digest = hashlib.sha256()
     for src in sources:
+        digest.update(src.encode())
         digest.update(Path(src).read_bytes())
     digest.update(" ".join(flags).encode())
     digest.update(torch.__version__.encode())
