@@ -28,7 +28,7 @@ import math
 import os
 import warnings
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Optional, Sequence, Union
 
@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from sgr_ext.net import EAGER_STEP, LocalNet, NonFiniteError, StepStats
+from sgr_ext.net import LocalNet, NonFiniteError, StepStats, eager_step
 
 __all__ = [
     "PARALLEL_MODES",
@@ -303,7 +303,7 @@ class DataParallelLocalNet:
         self.sync_buffers()
 
     # -- the step
-    @torch.compiler.disable(reason=EAGER_STEP)
+    @eager_step
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         """One data-parallel step; see the class docstring. Call on every rank with the same batch."""
         if self.shard_input:
@@ -323,7 +323,7 @@ class DataParallelLocalNet:
         extras: list = []
 
         def on_block_end(k: int, r) -> None:
-            results[k] = r
+            results[k] = replace(r, output=None, output_grad=None)  # the statistics, not x_k and D_k
             groups: dict = {}
             for p in blocks[k].trainable_parameters():
                 groups.setdefault(p.dtype, []).append(p)
@@ -604,7 +604,7 @@ class PipelineStage:
         self._retire(0)
 
     # -- the step
-    @torch.compiler.disable(reason=EAGER_STEP)
+    @eager_step
     def train_step(self, x: Optional[torch.Tensor], y: torch.Tensor) -> StepStats:
         """One pipelined step over M micro-batches; see the class docstring."""
         net, cfg = self.net, self.net.config

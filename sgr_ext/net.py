@@ -20,6 +20,14 @@ EAGER_STEP = ("sgr_ext: a local-learning step always runs eagerly (its per-block
               "cannot be captured in one graph); compile the model code around it, or the blocks' modules")
 
 
+def eager_step(fn: Callable) -> Callable:
+    """``torch.compiler.disable`` with the reason above (torch < 2.8 takes no reason)."""
+    try:
+        return torch.compiler.disable(fn, reason=EAGER_STEP)
+    except TypeError:
+        return torch.compiler.disable(fn)
+
+
 class NonFiniteError(FloatingPointError):
     """The input, or a loss, penalty or gradient of block ``block`` (0-based) was NaN/Inf.
 
@@ -178,7 +186,7 @@ class LocalNet(nn.Module):
     # the graph, and dynamo's partial capture of the engines' create_graph/requires_grad_
     # choreography gave silently wrong penalty gradients (torch 2.14). So the step always
     # runs eagerly (under fullgraph=True, dynamo says so); the ops compile on their own.
-    @torch.compiler.disable(reason=EAGER_STEP)
+    @eager_step
     def train_step(self, x: torch.Tensor, y: torch.Tensor, *, on_block_end: Optional[Callable] = None) -> StepStats:
         """One local-learning step: ADD grad of J_k = l_k + lam * R_k to every block's ``p.grad``.
 
@@ -236,7 +244,8 @@ class LocalNet(nn.Module):
         if len(counts) == len(self.blocks) or not probe:
             return counts
         if self._probed_classes is None:
-            self._probed_classes = self._probe_head_classes(x[:1], skip=set(counts))
+            # two samples: a module may use batch statistics even in eval mode
+            self._probed_classes = self._probe_head_classes(x[:2], skip=set(counts))
         counts.update(self._probed_classes)
         _check_same_classes(sorted(counts.items()))
         return counts
@@ -253,6 +262,8 @@ class LocalNet(nn.Module):
                         out = b.head(x)
                         if isinstance(out, torch.Tensor) and out.dim() >= 2:
                             found[k] = out.shape[1]
+        except Exception:  # a best-effort check: the step itself reports real errors
+            pass
         finally:
             for m, training in modes:
                 m.training = training

@@ -341,3 +341,27 @@ def test_train_step_inside_torch_compile_runs_eagerly_and_exactly(mode):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(Exception, match="a local-learning step always runs eagerly"):
         torch.compile(net.train_step, fullgraph=True, backend="aot_eager")(x, y)
+
+
+def test_class_count_probe_tolerates_modules_that_need_a_batch():
+    # BatchNorm without running statistics uses batch statistics even in eval mode: the probe
+    # runs two samples, and a probe that fails anyway leaves the check to the step itself.
+    def head():
+        return nn.Sequential(nn.Flatten(), nn.BatchNorm1d(16, track_running_stats=False))
+    blocks = [sgr_ext.LocalBlock(nn.Conv2d(3, 4, 3, padding=1), nn.Sequential(nn.Conv2d(4, 16, 1),
+                                                                               nn.AdaptiveAvgPool2d(1), *head()))]
+    x, y = torch.randn(5, 3, 4, 4), torch.randint(0, 16, (5,))
+    stats = sgr_ext.LocalNet(blocks, lam=0.0).train_step(x, y)
+    assert math.isfinite(stats.losses[0])
+
+
+def test_eager_step_works_with_a_torch_without_disable_reasons(monkeypatch):
+    calls = []
+
+    def old_disable(fn=None, recursive=True):  # torch < 2.8: no ``reason``
+        calls.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch.compiler, "disable", old_disable)
+    f = sgr_ext.net.eager_step(lambda: 7)
+    assert f() == 7 and len(calls) == 1

@@ -132,9 +132,9 @@ def test_resume_is_bit_identical(tmp_path):
     assert strip(full["history"]) == strip(resumed["history"])
 
 
-def _poison_second_batch(monkeypatch):
-    """One NaN pixel in the second training batch, after loading (a sample that goes bad
-    mid-run); the data loader itself rejects non-finite files."""
+def _poison_batches(monkeypatch, which=(2,)):
+    """One NaN pixel in the given training batches (1-based call count; None: every batch),
+    after loading (a sample that goes bad mid-run); the data loader rejects non-finite files."""
     from sgr_ext.trainer import loop
 
     calls = {"n": 0}
@@ -142,7 +142,7 @@ def _poison_second_batch(monkeypatch):
     def poisoned(x, **kw):
         out = random_crop_flip(x, **kw)
         calls["n"] += 1
-        if calls["n"] == 2:
+        if which is None or calls["n"] in which:
             out[0].view(-1)[0] = float("nan")
         return out
 
@@ -151,7 +151,7 @@ def _poison_second_batch(monkeypatch):
 
 @pytest.mark.parametrize("policy", ["raise", "skip", "warn"])
 def test_nonfinite_policy_in_the_trainer(policy, tmp_path, monkeypatch):
-    _poison_second_batch(monkeypatch)
+    _poison_batches(monkeypatch)
     cfg = TrainConfig(method="sgr", out=str(tmp_path), augment="flip", nonfinite=policy, **dict(TINY, epochs=2))
     if policy == "raise":
         with pytest.raises(TrainingDiverged, match=r"epoch 1, step 2: .*block 0"):
@@ -168,6 +168,32 @@ def test_nonfinite_policy_in_the_trainer(policy, tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"nonfinite_steps", "skipped_steps"} <= set(header)
+
+
+def test_every_step_skipped_still_finishes_with_the_progress_bar(tmp_path, monkeypatch):
+    _poison_batches(monkeypatch, which=None)
+    with pytest.warns(RuntimeWarning):
+        res = train(TrainConfig(method="local", out=str(tmp_path), augment="flip", nonfinite="skip",
+                                **dict(TINY, progress=True)))
+    rec = res["history"][0]
+    assert rec["train_loss"] is None and rec["skipped_steps"] == rec["nonfinite_steps"] == 2
+    assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "checkpoint.pt").is_file()
+
+
+def test_out_may_be_a_path_object(tmp_path):
+    TrainConfig(out=tmp_path / "run").validate()
+
+
+def test_checkpoints_from_before_datasets_were_named_still_resume(tmp_path):
+    data = tiny_npz(tmp_path / "tiny.npz", size=8, channels=1)
+    cfg = dict(arch="digits_cnn", modules=2, batch_size=24, progress=False, plots=False, augment="none",
+               data=str(data), epochs=2, out=str(tmp_path / "run"))
+    train(TrainConfig(stop_after=1, **cfg))
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = checkpoint.load(path)
+    state["dataset"]["name"] = "x_test"  # what the loader called every .npz before 2026-11-22
+    checkpoint.save(path, state)
+    assert train(TrainConfig(resume="auto", **cfg))["complete"]
 
 
 def test_cli_nonfinite_policy_rejected_for_global_bp(capsys):

@@ -153,7 +153,7 @@ class TrainConfig:
                 raise ValueError(
                     f"--method sgr-fast: this install has no fast engine (LocalNet modes: {tuple(ENGINES)})"
                 )
-        if self.out is not None and (not isinstance(self.out, str) or not self.out.strip()):
+        if self.out is not None and (not isinstance(self.out, (str, os.PathLike)) or not str(self.out).strip()):
             raise ValueError(f"--out: expected a directory path, got {self.out!r}")
         if self.resume is not None and self.out is None and self.resume == "auto":
             raise ValueError("--resume: needs --out (the run directory) or a checkpoint path")
@@ -384,7 +384,10 @@ def _check_resume_compatible(cfg: TrainConfig, saved: dict, path: Path, data_fp:
 
     if "module" in (saved.get("parallel"), parallel):
         # Each stage's optimizer state covers its own blocks: the stages must be the same.
-        if (saved.get("parallel"), saved.get("placement")) != (parallel, placement) or saved.get("stages") is None:
+        if saved.get("parallel") == "module" and saved.get("stages") is None:
+            raise ValueError(f"--resume {path}: a module-parallel checkpoint without per-stage optimizer states "
+                             "(written before sgr_ext saved them) cannot be resumed")
+        if (saved.get("parallel"), saved.get("placement")) != (parallel, placement):
             raise ValueError(f"--resume {path}: a module-parallel run resumes only as the same pipeline (checkpoint: "
                              f"{layout(saved.get('parallel'), saved.get('placement'))}; now: {layout(parallel, placement)})")
     old = dict(_RESUME_DEFAULTS, **saved.get("config", {}))
@@ -392,7 +395,10 @@ def _check_resume_compatible(cfg: TrainConfig, saved: dict, path: Path, data_fp:
              if k in old and old.get(k) != getattr(cfg, k)]
     if "lam_value" in saved and saved["lam_value"] != cfg.lam_value:
         diffs.append(f"lam: checkpoint {saved['lam_value']!r} vs now {cfg.lam_value!r}")
-    if saved.get("dataset") and saved["dataset"] != data_fp:
+    saved_fp = dict(saved.get("dataset") or {})
+    if saved_fp.get("name") == "x_test":  # checkpoints from before 2026-11-22 named every .npz/CIFAR set so
+        saved_fp["name"] = data_fp["name"]
+    if saved_fp and saved_fp != data_fp:
         diffs.append(f"dataset: checkpoint {saved['dataset']} vs now {data_fp}")
     if diffs:
         raise ValueError(f"--resume {path}: the checkpoint is from a different configuration ({'; '.join(diffs)})")
@@ -795,7 +801,8 @@ class _Run:
                 self.history.append(rec)
                 wall += time.perf_counter() - t0
                 if bar is not None:
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{rec['train_loss']:.3f}", test_acc=f"{acc:.4f}")
+                    loss = rec["train_loss"]  # None when no step of the epoch was finite
+                    bar.set_postfix(epoch=epoch + 1, loss="n/a" if loss is None else f"{loss:.3f}", test_acc=f"{acc:.4f}")
                 if writes:
                     metrics.write_run_files(self.out, self.history, self.steps)
                 if cfg.checkpoint and self.out is not None:
