@@ -35,6 +35,14 @@ LOOP_WARPS = 32
 
 
 @triton.jit
+def _ce_grad(z, cols, y, lse, c):
+    """dL/dz = c (softmax(z) - onehot(y)) for logits z at columns ``cols``: the one
+    expression every kernel writes, so precomputed and recomputed gradients agree bit for bit."""
+    g = tl.exp(z - lse) * c
+    return tl.where(cols == y, g - c, g)
+
+
+@triton.jit
 def ce_rows_kernel(
     Z, stride_z,  # (rows, V) logits chunk, overwritten by the gradient when WRITE_GRAD
     T,  # (rows,) int64 targets
@@ -86,19 +94,15 @@ def ce_rows_kernel(
             tl.store(LOSS + row, loss)
         if WRITE_GRAD:
             c = tl.where(valid, tl.load(SCALE).to(acc_t), 0.0)
-            # the same expression as ce_grad_kernel: the precomputed and the recomputed
-            # gradients agree bit for bit
             if SINGLE:
-                g = tl.exp(z - lse) * c
-                g = tl.where(offs == y, g - c, g)
+                g = _ce_grad(z, offs, y, lse, c)
                 tl.store(zrow + offs, g.to(Z.dtype.element_ty), mask=mask)
             else:
                 for v0 in range(0, V, BLOCK_V):
                     cols = v0 + offs
                     cmask = cols < V
                     zb = tl.load(zrow + cols, mask=cmask, other=0.0).to(acc_t)
-                    g = tl.exp(zb - lse) * c
-                    g = tl.where(cols == y, g - c, g)
+                    g = _ce_grad(zb, cols, y, lse, c)
                     tl.store(zrow + cols, g.to(Z.dtype.element_ty), mask=cmask)
 
 
@@ -120,8 +124,7 @@ def ce_grad_kernel(
     cols = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = cols < V
     z = tl.load(zrow + cols, mask=mask, other=0.0).to(acc_t)
-    g = tl.exp(z - lse) * c
-    g = tl.where(cols == y, g - c, g)
+    g = _ce_grad(z, cols, y, lse, c)
     tl.store(zrow + cols, g.to(Z.dtype.element_ty), mask=mask)
 
 

@@ -49,6 +49,27 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile(B, F, ROWS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """This program's ROWS samples and the first BLOCK columns of its CHUNK: (rows, their
+    mask, their int64 element offsets (ROWS, 1), the columns)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols0 = tl.program_id(1) * CHUNK + tl.arange(0, BLOCK)
+    return rows, rows < B, rows.to(tl.int64)[:, None] * F, cols0
+
+
+@triton.jit
+def _load_pair(a_ptr, d_ptr, off, m, EVEN: tl.constexpr, ACC: tl.constexpr):
+    """a and d at ``off`` in the accumulate dtype; unmasked when the tiling divides the problem."""
+    if EVEN:
+        x = tl.load(a_ptr + off).to(ACC)
+        y = tl.load(d_ptr + off).to(ACC)
+    else:
+        x = tl.load(a_ptr + off, mask=m, other=0.0).to(ACC)
+        y = tl.load(d_ptr + off, mask=m, other=0.0).to(ACC)
+    return x, y
+
+
+@triton.jit
 def _fwd_partial_kernel(
     a_ptr,
     d_ptr,
@@ -63,24 +84,14 @@ def _fwd_partial_kernel(
     EVEN: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_r * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < B
-    base = rows.to(tl.int64)[:, None] * F
-    cols0 = pid_c * CHUNK + tl.arange(0, BLOCK)
+    rows, row_ok, base, cols0 = _tile(B, F, ROWS, BLOCK, CHUNK)
     s0 = tl.zeros((ROWS, BLOCK), ACC)
     s1 = tl.zeros((ROWS, BLOCK), ACC)
     s2 = tl.zeros((ROWS, BLOCK), ACC)
     for off in range(0, CHUNK, BLOCK):
         cols = (cols0 + off)[None, :]
-        if EVEN:
-            x = tl.load(a_ptr + base + cols).to(ACC)
-            y = tl.load(d_ptr + base + cols).to(ACC)
-        else:
-            m = row_ok[:, None] & (cols < F)
-            x = tl.load(a_ptr + base + cols, mask=m, other=0.0).to(ACC)
-            y = tl.load(d_ptr + base + cols, mask=m, other=0.0).to(ACC)
+        m = row_ok[:, None] & (cols < F)
+        x, y = _load_pair(a_ptr, d_ptr, base + cols, m, EVEN, ACC)
         if COSINE:
             s0 += x * x
             s1 += x * y
@@ -88,7 +99,7 @@ def _fwd_partial_kernel(
         else:
             diff = x - y
             s0 += diff * diff
-    out = part_ptr + pid_c * B + rows
+    out = part_ptr + tl.program_id(1) * B + rows
     tl.store(out, tl.sum(s0, axis=1), mask=row_ok)
     if COSINE:
         plane = n_chunks * B
@@ -155,12 +166,7 @@ def _bwd_kernel(
     EVEN: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_r * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < B
-    base = rows.to(tl.int64)[:, None] * F
-    cols0 = pid_c * CHUNK + tl.arange(0, BLOCK)
+    rows, row_ok, base, cols0 = _tile(B, F, ROWS, BLOCK, CHUNK)
     g = tl.load(g_ptr).to(ACC) / B
     if COSINE:
         eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
@@ -178,13 +184,8 @@ def _bwd_kernel(
         two_g = 2.0 * g
     for off in range(0, CHUNK, BLOCK):
         cols = (cols0 + off)[None, :]
-        if EVEN:
-            x = tl.load(a_ptr + base + cols).to(ACC)
-            y = tl.load(d_ptr + base + cols).to(ACC)
-        else:
-            m = row_ok[:, None] & (cols < F)
-            x = tl.load(a_ptr + base + cols, mask=m, other=0.0).to(ACC)
-            y = tl.load(d_ptr + base + cols, mask=m, other=0.0).to(ACC)
+        m = row_ok[:, None] & (cols < F)
+        x, y = _load_pair(a_ptr, d_ptr, base + cols, m, EVEN, ACC)
         if COSINE:
             gr = coef_a * x + coef_d * y
         else:

@@ -28,7 +28,7 @@ import math
 import os
 import warnings
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional, Sequence, Union
 
@@ -323,7 +323,7 @@ class DataParallelLocalNet:
         extras: list = []
 
         def on_block_end(k: int, r) -> None:
-            results[k] = replace(r, output=None, output_grad=None)  # the statistics, not x_k and D_k
+            results[k] = r.statistics()
             groups: dict = {}
             for p in blocks[k].trainable_parameters():
                 groups.setdefault(p.dtype, []).append(p)

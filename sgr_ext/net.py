@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -224,9 +224,7 @@ class LocalNet(nn.Module):
                 if on_block_end is not None:
                     on_block_end(k, r)
             h, d = r.output, r.output_grad
-            # Only the statistics outlive the block: holding every x_k and D_k until the
-            # end of the step would cost the sum of all boundary activations.
-            results.append(replace(r, output=None, output_grad=None))
+            results.append(r.statistics())
             del r
         pipe.finish()
         return self._collect(results, guard)

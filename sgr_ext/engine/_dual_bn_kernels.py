@@ -25,24 +25,55 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _tile(n, C, S, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (BLOCK_P rows of the n * S primal elements) x (BLOCK_C channels) tile:
+    (i, s, c) sample / spatial / channel indices (int64, broadcastable), the tile mask, the
+    row mask, the channel offsets and the channel mask."""
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_p = offs_p < n * S
+    mask_c = offs_c < C
+    i = (offs_p // S)[:, None].to(tl.int64)
+    s = (offs_p % S)[:, None].to(tl.int64)
+    c = offs_c[None, :].to(tl.int64)
+    return i, s, c, mask_p[:, None] & mask_c[None, :], mask_p, offs_c, mask_c
+
+
+@triton.jit
+def _load_pair(P, half_off, off, m):
+    """The primal and the tangent half of a packed tensor at ``off``, in float32."""
+    return (tl.load(P + off, mask=m, other=0.0).to(tl.float32),
+            tl.load(P + half_off + off, mask=m, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _channel(V, offs_c, mask_c):
+    """A per-channel vector, broadcast over the rows of the tile."""
+    return tl.load(V + offs_c, mask=mask_c, other=0.0)[None, :]
+
+
+@triton.jit
+def _bwd_inputs(Z, G, t_off, g_t_off, off, goff, m, MEAN, A, B, offs_c, mask_c, RELU: tl.constexpr):
+    """x, t, the incoming gradients g, gt (zeroed where the recomputed ReLU mask is off) and
+    the channel mean: what both backward kernels read."""
+    x, t = _load_pair(Z, t_off, off, m)
+    g, gt = _load_pair(G, g_t_off, goff, m)
+    if RELU:
+        pos = (x * _channel(A, offs_c, mask_c) + _channel(B, offs_c, mask_c)) > 0
+        g = tl.where(pos, g, 0.0)
+        gt = tl.where(pos, gt, 0.0)
+    return x, t, g, gt, _channel(MEAN, offs_c, mask_c)
+
+
 @triton.jit(do_not_specialize=["n", "C", "S", "s_n", "s_c", "s_s", "t_off"])
 def _stats_fwd_kernel(
     Z, n, C, S, s_n, s_c, s_s, t_off,
     CNT, SX, ST, M2, CX,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < n * S
-    mask_c = offs_c < C
-    i = offs_p // S
-    s = offs_p % S
-    off = i[:, None].to(tl.int64) * s_n + s[:, None].to(tl.int64) * s_s + offs_c[None, :].to(tl.int64) * s_c
-    m = mask_p[:, None] & mask_c[None, :]
-    x = tl.load(Z + off, mask=m, other=0.0).to(tl.float32)
-    t = tl.load(Z + t_off + off, mask=m, other=0.0).to(tl.float32)
+    i, s, c, m, mask_p, offs_c, mask_c = _tile(n, C, S, BLOCK_P, BLOCK_C)
+    x, t = _load_pair(Z, t_off, i * s_n + s * s_s + c * s_c, m)
     cnt = tl.sum(mask_p.to(tl.float32), axis=0)
     sx = tl.sum(x, axis=0)
     st = tl.sum(t, axis=0)
@@ -50,12 +81,12 @@ def _stats_fwd_kernel(
     xc = tl.where(m, x - mean[None, :], 0.0)
     m2 = tl.sum(xc * xc, axis=0)
     cx = tl.sum(xc * t, axis=0)
-    out = pid_p * C + offs_c
+    out = tl.program_id(0) * C + offs_c
     tl.store(SX + out, sx, mask=mask_c)
     tl.store(ST + out, st, mask=mask_c)
     tl.store(M2 + out, m2, mask=mask_c)
     tl.store(CX + out, cx, mask=mask_c)
-    tl.store(CNT + pid_p, cnt)
+    tl.store(CNT + tl.program_id(0), cnt)
 
 
 @triton.jit(do_not_specialize=["n", "C", "S", "s_n", "s_c", "s_s", "t_off", "o_n", "o_c", "o_s", "o_t_off"])
@@ -64,25 +95,11 @@ def _apply_fwd_kernel(
     A, B, D, E,
     RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < n * S
-    mask_c = offs_c < C
-    i = (offs_p // S)[:, None].to(tl.int64)
-    s = (offs_p % S)[:, None].to(tl.int64)
-    c = offs_c[None, :].to(tl.int64)
-    m = mask_p[:, None] & mask_c[None, :]
-    off = i * s_n + s * s_s + c * s_c
-    x = tl.load(Z + off, mask=m, other=0.0).to(tl.float32)
-    t = tl.load(Z + t_off + off, mask=m, other=0.0).to(tl.float32)
-    a = tl.load(A + offs_c, mask=mask_c, other=0.0)[None, :]
-    b = tl.load(B + offs_c, mask=mask_c, other=0.0)[None, :]
-    d = tl.load(D + offs_c, mask=mask_c, other=0.0)[None, :]
-    e = tl.load(E + offs_c, mask=mask_c, other=0.0)[None, :]
-    y = x * a + b
-    yt = t * a + x * d + e
+    i, s, c, m, _, offs_c, mask_c = _tile(n, C, S, BLOCK_P, BLOCK_C)
+    x, t = _load_pair(Z, t_off, i * s_n + s * s_s + c * s_c, m)
+    a = _channel(A, offs_c, mask_c)
+    y = x * a + _channel(B, offs_c, mask_c)
+    yt = t * a + x * _channel(D, offs_c, mask_c) + _channel(E, offs_c, mask_c)
     if RELU:
         pos = y > 0
         y = tl.where(pos, y, 0.0)
@@ -99,31 +116,11 @@ def _stats_bwd_kernel(
     SG, SGX, SGT, SGTX, SGTT,
     RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < n * S
-    mask_c = offs_c < C
-    i = (offs_p // S)[:, None].to(tl.int64)
-    s = (offs_p % S)[:, None].to(tl.int64)
-    c = offs_c[None, :].to(tl.int64)
-    m = mask_p[:, None] & mask_c[None, :]
-    off = i * s_n + s * s_s + c * s_c
-    goff = i * g_n + s * g_s + c * g_c
-    x = tl.load(Z + off, mask=m, other=0.0).to(tl.float32)
-    t = tl.load(Z + t_off + off, mask=m, other=0.0).to(tl.float32)
-    g = tl.load(G + goff, mask=m, other=0.0).to(tl.float32)
-    gt = tl.load(G + g_t_off + goff, mask=m, other=0.0).to(tl.float32)
-    mu = tl.load(MEAN + offs_c, mask=mask_c, other=0.0)[None, :]
-    if RELU:
-        a = tl.load(A + offs_c, mask=mask_c, other=0.0)[None, :]
-        b = tl.load(B + offs_c, mask=mask_c, other=0.0)[None, :]
-        pos = (x * a + b) > 0
-        g = tl.where(pos, g, 0.0)
-        gt = tl.where(pos, gt, 0.0)
+    i, s, c, m, _, offs_c, mask_c = _tile(n, C, S, BLOCK_P, BLOCK_C)
+    x, t, g, gt, mu = _bwd_inputs(Z, G, t_off, g_t_off, i * s_n + s * s_s + c * s_c, i * g_n + s * g_s + c * g_c, m,
+                                  MEAN, A, B, offs_c, mask_c, RELU)
     xc = tl.where(m, x - mu, 0.0)
-    out = pid_p * C + offs_c
+    out = tl.program_id(0) * C + offs_c
     tl.store(SG + out, tl.sum(g, axis=0), mask=mask_c)
     tl.store(SGX + out, tl.sum(g * xc, axis=0), mask=mask_c)
     tl.store(SGT + out, tl.sum(gt, axis=0), mask=mask_c)
@@ -137,39 +134,14 @@ def _apply_bwd_kernel(
     MEAN, A, B, K1, K2, K3, KX, K0, K7, K8,
     RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = offs_p < n * S
-    mask_c = offs_c < C
-    i = (offs_p // S)[:, None].to(tl.int64)
-    s = (offs_p % S)[:, None].to(tl.int64)
-    c = offs_c[None, :].to(tl.int64)
-    m = mask_p[:, None] & mask_c[None, :]
-    off = i * s_n + s * s_s + c * s_c
-    goff = i * g_n + s * g_s + c * g_c
-    x = tl.load(Z + off, mask=m, other=0.0).to(tl.float32)
-    t = tl.load(Z + t_off + off, mask=m, other=0.0).to(tl.float32)
-    g = tl.load(G + goff, mask=m, other=0.0).to(tl.float32)
-    gt = tl.load(G + g_t_off + goff, mask=m, other=0.0).to(tl.float32)
-    mu = tl.load(MEAN + offs_c, mask=mask_c, other=0.0)[None, :]
-    if RELU:
-        a = tl.load(A + offs_c, mask=mask_c, other=0.0)[None, :]
-        b = tl.load(B + offs_c, mask=mask_c, other=0.0)[None, :]
-        pos = (x * a + b) > 0
-        g = tl.where(pos, g, 0.0)
-        gt = tl.where(pos, gt, 0.0)
+    i, s, c, m, _, offs_c, mask_c = _tile(n, C, S, BLOCK_P, BLOCK_C)
+    x, t, g, gt, mu = _bwd_inputs(Z, G, t_off, g_t_off, i * s_n + s * s_s + c * s_c, i * g_n + s * g_s + c * g_c, m,
+                                  MEAN, A, B, offs_c, mask_c, RELU)
     xc = x - mu
-    k1 = tl.load(K1 + offs_c, mask=mask_c, other=0.0)[None, :]
-    k2 = tl.load(K2 + offs_c, mask=mask_c, other=0.0)[None, :]
-    k3 = tl.load(K3 + offs_c, mask=mask_c, other=0.0)[None, :]
-    kx = tl.load(KX + offs_c, mask=mask_c, other=0.0)[None, :]
-    k0 = tl.load(K0 + offs_c, mask=mask_c, other=0.0)[None, :]
-    k7 = tl.load(K7 + offs_c, mask=mask_c, other=0.0)[None, :]
-    k8 = tl.load(K8 + offs_c, mask=mask_c, other=0.0)[None, :]
-    gx = k1 * g + k2 * gt + k3 * t + kx * xc + k0
-    gxt = k1 * gt + k7 * xc + k8
+    k1 = _channel(K1, offs_c, mask_c)
+    gx = (k1 * g + _channel(K2, offs_c, mask_c) * gt + _channel(K3, offs_c, mask_c) * t
+          + _channel(KX, offs_c, mask_c) * xc + _channel(K0, offs_c, mask_c))
+    gxt = k1 * gt + _channel(K7, offs_c, mask_c) * xc + _channel(K8, offs_c, mask_c)
     o = i * o_n + s * o_s + c * o_c
     tl.store(OUT + o, gx.to(OUT.dtype.element_ty), mask=m)
     tl.store(OUT + o_t_off + o, gxt.to(OUT.dtype.element_ty), mask=m)

@@ -1,7 +1,7 @@
 """What every per-block step engine takes and returns."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -44,6 +44,11 @@ class BlockResult:
     cosine: Optional[torch.Tensor] = None
     norm_ratio: Optional[torch.Tensor] = None
     ready: Optional[Any] = None
+
+    def statistics(self) -> "BlockResult":
+        """This result without x_k and D_k: what a step keeps of a block once the next block
+        has them (holding every x_k and D_k would cost the sum of all boundary activations)."""
+        return replace(self, output=None, output_grad=None)
 
 
 @torch.no_grad()
