@@ -98,9 +98,12 @@ class LocalNet(nn.Module):
             Under every policy no NaN/Inf is left in any ``p.grad``: the affected blocks'
             gradients (and BatchNorm running statistics) are restored to their values
             before the step.
-        overlap: ``"auto"`` (default), True or False: on CUDA, run consecutive blocks on two
-            streams so that block k+1's forward overlaps block k's remaining backward
-            (``sgr_ext.engine.pipeline``); same gradients; no effect on CPU.
+        overlap: False (default), True or ``"auto"`` (the same as True): on CUDA, run
+            consecutive blocks on two side streams so that block k+1's forward overlaps block
+            k's remaining backward (``sgr_ext.engine.pipeline``); same gradients; no effect on
+            CPU. Off by default: the caching allocator does not reuse memory across streams,
+            so ``max_memory_reserved`` may double, and no GPU has yet shown the time it saves
+            (``benchmarks/gpu_check.py`` measures both, on and off).
     """
 
     def __init__(
@@ -117,7 +120,7 @@ class LocalNet(nn.Module):
         num_tangents: int = 1,
         fg_per_sample: bool = True,
         nonfinite: str = "raise",
-        overlap="auto",
+        overlap=False,
     ):
         super().__init__()
         if not (isinstance(blocks, nn.Module) or hasattr(blocks, "__iter__")) or isinstance(blocks, str):
@@ -199,8 +202,9 @@ class LocalNet(nn.Module):
         NaN/Inf in x or in a block's loss, penalty, D_k or parameter gradient is handled by
         the ``nonfinite`` policy (see the class docstring): ``"raise"`` raises
         ``NonFiniteError`` naming the first such block, after every block has run and every
-        ``p.grad`` was restored. Detection costs one host sync per step (all statistics
-        and flags are read back together).
+        ``p.grad`` was restored. Detection costs one host sync per step, the step's only one:
+        all statistics, flags and the labels' range are read back together; an out-of-range
+        label raises ``ValueError`` there, with every ``p.grad`` restored.
         """
         self._check_step_input(x, y)
         if on_block_end is not None and not callable(on_block_end):
@@ -215,7 +219,7 @@ class LocalNet(nn.Module):
         last = len(self.blocks) - 1
         pipe = BlockPipeline(x, overlap_enabled(self.overlap, x, len(self.blocks)))
         if self.config.loss_fn is F.cross_entropy:
-            self._check_label_range(x, y)
+            y = self._watch_label_range(x, y, guard)
         for k, block in enumerate(self.blocks):
             with pipe.block(k, h, d, y):  # CUDA: block k's stream; no-op otherwise
                 r = engine(block, h, y, d, self.config, need_output_grad=needs_d and k < last)
@@ -228,6 +232,18 @@ class LocalNet(nn.Module):
             del r
         pipe.finish()
         return self._collect(results, guard)
+
+    def _watch_label_range(self, x: torch.Tensor, y: torch.Tensor, guard: "_StepGuard") -> torch.Tensor:
+        """The label-range check without a host sync of its own: y's min and max travel to the
+        host with the step's statistics (``_StepGuard.read``), where an out-of-range label
+        raises after every p.grad was restored. Until then the blocks see y clamped into
+        range, so that no kernel indexes out of bounds (on CUDA: a device-side assert)."""
+        counts = self._head_classes(x)
+        if not counts:
+            return y
+        guard.num_classes = min(counts.values())
+        guard.label_bounds = torch.aminmax(y)
+        return y.clamp(0, guard.num_classes - 1)
 
     def _check_label_range(self, x: torch.Tensor, y: torch.Tensor, probe: bool = True) -> None:
         counts = self._head_classes(x, probe)
@@ -269,7 +285,10 @@ class LocalNet(nn.Module):
 
     def _collect(self, results, guard: "_StepGuard") -> StepStats:
         stats = StepStats()
-        values, bad = guard.read(results)  # the step's one host sync
+        values, bad, labels = guard.read(results)  # the step's one host sync
+        if labels is not None and (labels[0] < 0 or labels[1] >= guard.num_classes):
+            guard.restore(range(len(results)))
+            _checks.label_range("y", guard.num_classes, *labels)
         for k, row in enumerate(values):
             stats.losses.append(row[0])
             stats.penalties.append(row[1])
@@ -371,6 +390,8 @@ class _StepGuard:
         self.input_bad = (~torch.isfinite(x).all()) if (x.is_floating_point() or x.is_complex()) else None
         self.grad_bad: list[Optional[torch.Tensor]] = []
         self.d_bad: list[Optional[torch.Tensor]] = []
+        self.num_classes: Optional[int] = None
+        self.label_bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (min, max) of y, on the device
 
     def check_block(self, k: int, r) -> None:
         self.d_bad.append(None if r.output_grad is None else ~torch.isfinite(r.output_grad).all())
@@ -383,9 +404,10 @@ class _StepGuard:
         total = torch.stack([n.to(norms[0].device) for n in norms]).sum()
         self.grad_bad.append(~torch.isfinite(total))
 
-    def read(self, results) -> tuple[list[list[Optional[float]]], dict[int, list[str]]]:
-        """Per block [loss, penalty, accuracy, cosine, norm_ratio] (None where absent) and
-        {block: [what, ...]} for the non-finite ones; one device-to-host transfer."""
+    def read(self, results) -> tuple[list[list[Optional[float]]], dict[int, list[str]], Optional[tuple[int, int]]]:
+        """Per block [loss, penalty, accuracy, cosine, norm_ratio] (None where absent),
+        {block: [what, ...]} for the non-finite ones and (min, max) of the labels when
+        ``label_bounds`` was set; one device-to-host transfer."""
         dt = _host_dtype(self.device)
         vals, slots = [], []  # slots: per block, the index in vals of each statistic (None: absent)
 
@@ -405,6 +427,7 @@ class _StepGuard:
                 put(self.grad_bad[k]),
             ]
             slots.append((stat, flags))
+        label_slots = [put(t) for t in self.label_bounds] if self.label_bounds is not None else None
         host = torch.stack(vals).tolist() if vals else []
         values, bad = [], {}
         for k, (stat, flags) in enumerate(slots):
@@ -412,7 +435,8 @@ class _StepGuard:
             what = [w for w, i in zip(_WHAT, flags) if i is not None and host[i]]
             if what:
                 bad[k] = what
-        return values, bad
+        labels = None if label_slots is None else (int(host[label_slots[0]]), int(host[label_slots[1]]))
+        return values, bad, labels
 
     @torch.no_grad()
     def restore(self, blocks) -> None:

@@ -494,6 +494,13 @@ def test_overlap_option_is_a_noop_on_cpu():
         sgr_ext.LocalNet(blocks, lam=0.1, overlap="yes")
 
 
+def test_overlap_is_off_by_default_and_auto_still_accepted():
+    # two side streams may double max_memory_reserved: on only when asked (gpu_check.py measures it)
+    blocks, _ = resnet_blocks()
+    assert sgr_ext.LocalNet(blocks, lam=0.1).overlap is False
+    assert sgr_ext.LocalNet(blocks, lam=0.1, overlap="auto").overlap == "auto"
+
+
 def test_tangent_scale_is_a_power_of_two_and_safe():
     u = torch.randn(4, 3)
     for w in (torch.randn(4, 3) * 1e-20, torch.zeros(4, 3), torch.randn(4, 3) * 1e20):
