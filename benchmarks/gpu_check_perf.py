@@ -8,6 +8,7 @@ import gc
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 DRY_TRAIN = {"resnet8_k3_b4": dict(depth=8, K=3, batch=4, image=8)}
+TRAIN_ORDER = ("resnet32_k16_b1024", "resnet32_k16_b128", "resnet110_k14_b1024")  # the costliest last
 RECONCILE_SHAPES = ("1024x16x32x32", "8x512x768")
 DRY_RECONCILE_SHAPES = ("4x3x5x7",)
 LCE_SIZE = {"name": "N8192_H768_V32000", "N": 8192, "H": 768, "V": 32000, "llm": True}
@@ -51,7 +53,7 @@ def train_step(check) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     last_s = 1.0
-    for cfg_name, cfg in (DRY_TRAIN if dry else B.CONFIGS).items():
+    for cfg_name, cfg in (DRY_TRAIN if dry else {k: B.CONFIGS[k] for k in TRAIN_ORDER}).items():
         for prec, amp in (("fp32", None), ("bf16", torch.bfloat16)):
             for method in methods:
                 row = {"config": cfg_name, **cfg, "precision": prec, "method": method}
@@ -145,17 +147,22 @@ def extras(check) -> None:
     check.item("extras", "accuracy, 1 epoch", lambda: accuracy(check), need_s=10 if check.dry_run else 60)
 
 
-def _run_logged(cmd: list, check, log: Path, env=None) -> int:
-    """Run cmd, its output into ``log``; killed at the end of the section's box."""
+def _run_logged(cmd: list, check, log: Path) -> int:
+    """Run cmd, its output into ``log``; at the end of the section's box it is killed with
+    every process it started (its own session: the study's spawned workers included)."""
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent, start_new_session=True)
         try:
-            return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=max(1.0, check.budget.left() - 2),
-                                  env=env, cwd=HERE.parent).returncode
+            return proc.wait(timeout=max(1.0, check.budget.left() - 2))
         except subprocess.TimeoutExpired:
             f.write("\n[gpu_check: killed at the end of the section's time box]\n")
             return -9
+        finally:  # also on ItemTimeout: no orphan may keep the device busy after the box
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def sanitizer(check) -> None:

@@ -349,13 +349,14 @@ def test_dual_bn_relu_conv_gradcheck():
     assert torch.autograd.gradcheck(fn, (z, g, b, w))
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d", "3d"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "hw_swapped", "2d", "3d"])
 @pytest.mark.parametrize("relu", [False, True])
 def test_dual_batchnorm_triton_kernels_match_float64(layout, relu):
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    shape = {"nchw": (10, 5, 3, 4), "channels_last": (10, 5, 3, 4), "2d": (14, 7), "3d": (6, 3, 9)}[layout]
+    shape = {"nchw": (10, 5, 3, 4), "channels_last": (10, 5, 3, 4), "hw_swapped": (10, 5, 3, 4), "2d": (14, 7),
+             "3d": (6, 3, 9)}[layout]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     z64 = (torch.randn(*shape, dtype=torch.float64) * 2 + 0.7).to(dev)
     w64, b64 = torch.randn(shape[1], dtype=torch.float64).to(dev), torch.randn(shape[1], dtype=torch.float64).to(dev)
@@ -367,6 +368,8 @@ def test_dual_batchnorm_triton_kernels_match_float64(layout, relu):
             z = z64.detach().clone().to(dtype)
             if layout == "channels_last":
                 z = z.contiguous(memory_format=torch.channels_last)
+            elif layout == "hw_swapped":  # dense, neither layout: the spatial dims do not flatten into a view
+                z = z.transpose(2, 3).contiguous().transpose(2, 3)
             z.requires_grad_()
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             w, b = w64.to(acc).clone().requires_grad_(), b64.to(acc).clone().requires_grad_()

@@ -11,9 +11,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-import gpu_check  # noqa: E402
-
-sys.path.pop(0)
+try:
+    import gpu_check
+    import gpu_check_perf
+finally:
+    sys.path.pop(0)
 
 
 def test_dry_run_end_to_end(tmp_path):
@@ -111,3 +113,29 @@ def test_out_that_is_a_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--out", str(f)])
     assert "--out: expected a directory" in capsys.readouterr().err
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_subprocess_past_its_box_is_killed_with_its_children(tmp_path):
+    check = _check(tmp_path, 30.0)  # 9 s in the section, the command gets ~7 s (a loaded CI machine starts python slowly)
+    child = "import time; time.sleep(120)"
+    cmd = [sys.executable, "-c", f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child!r}]);"
+                                 " print(p.pid, flush=True); time.sleep(120)"]
+    log = tmp_path / "cmd.log"
+    t0 = time.monotonic()
+    assert gpu_check_perf._run_logged(cmd, check, log) == -9
+    assert time.monotonic() - t0 < 20
+    text = log.read_text()
+    assert "killed at the end of the section's time box" in text
+    grandchild = int(text.splitlines()[1])
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild)

@@ -100,6 +100,11 @@ def _bcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
     return v.view(1, -1, *([1] * (ndim - 2)))
 
 
+def _spatial_dims_merge(t: torch.Tensor) -> bool:
+    """The spatial dims of (2n, C, *spatial) flatten into one strided dim (``_as3d`` is a view)."""
+    return all(t.stride(i) == t.stride(i + 1) * t.shape[i + 1] for i in range(2, t.dim() - 1) if t.shape[i] > 1)
+
+
 def _as3d(t: torch.Tensor) -> torch.Tensor:
     """(2n, C, *spatial) -> (2n, C, S) (a view for dense layouts, NCHW or channels_last)."""
     return t.unsqueeze(-1) if t.dim() == 2 else t.flatten(2)
@@ -110,6 +115,9 @@ _TRITON_FORCE = False  # tests: run the Triton kernels on CPU tensors (TRITON_IN
 
 def _use_triton(z: torch.Tensor) -> bool:
     if z.dtype == torch.float64:
+        return False
+    if z.dim() > 3 and not _spatial_dims_merge(z):
+        # the kernels write through _as3d views of empty_like(z); a copy would lose the writes
         return False
     if not (z.is_cuda or (_TRITON_FORCE and z.device.type == "cpu")):
         return False
