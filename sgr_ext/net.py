@@ -17,7 +17,7 @@ from sgr_ext.engine.pipeline import BlockPipeline, overlap_enabled
 
 NONFINITE_POLICIES = ("raise", "skip", "warn")
 LAM_MODES = ("fixed", "grad_ratio")
-SIDES = ("input", "output")
+SIDES = ("input", "output", "handback")
 EAGER_STEP = ("sgr_ext: a local-learning step always runs eagerly (its per-block autograd calls and host sync "
               "cannot be captured in one graph); compile the model code around it, or the blocks' modules")
 
@@ -98,6 +98,8 @@ class LocalNet(nn.Module):
             what block k needs reaches block k-1, still without a gradient crossing a boundary.
             Costs a recompute of block k-1 (forward and double backward) after block k's
             forward, and keeps x_{k-2} one block longer; ``grad="backward"``, no CUDA overlap.
+            ``"handback"``: the control experiment for ``"output"``, no distance: block k-1 also
+            descends lam_k l_k through x_{k-1} (``output_side.handback_step``; ``distance`` unused).
         loss_fn: ``loss_fn(head_output, y) -> 0-dim`` batch MEAN loss; cross-entropy by
             default. The batch scaling of A_k and D_k assumes mean reduction.
         mode: ``"exact"`` (default): the exact penalty gradient from one tangent-carrying
@@ -179,8 +181,8 @@ class LocalNet(nn.Module):
         )
         self.grad = _checks.choice("grad", grad, ("backward", "forward"))
         self.side = _checks.choice("side", side, SIDES)
-        if self.side == "output" and (self.grad == "forward" or overlap is True):
-            raise ValueError("side='output' needs grad='backward' and overlap False or 'auto': block k-1's penalty "
+        if self.side != "input" and (self.grad == "forward" or overlap is True):
+            raise ValueError(f"side={self.side!r} needs grad='backward' and overlap False or 'auto': block k-1's penalty "
                              "is computed by backprop once block k's input gradient is known")
         if self.grad == "forward" and self.config.split_grads:
             raise ValueError("lam_mode='grad_ratio' and track_share=True need grad='backward': the forward-gradient "
@@ -250,7 +252,7 @@ class LocalNet(nn.Module):
         guard = _StepGuard(self.blocks, x)
         if self.config.loss_fn is F.cross_entropy:
             self._check_label_range(x, y)
-        if self.side == "output" and self.config.lam > 0:
+        if self.side != "input" and self.config.lam > 0:
             return self._collect(self._output_side_blocks(x, y, engine, guard, on_block_end), guard)
         results = []
         h, d = x, None
@@ -282,7 +284,8 @@ class LocalNet(nn.Module):
             r = engine(block, h, y, d, cfg, need_output_grad=k < last)
             if pending is not None:
                 p_block, p_input, p_rng, p_result = pending
-                r.penalty, r.share = output_side.step(p_block, p_input, y, r.input_grad, self.config, p_rng)
+                side_step = output_side.step if self.side == "output" else output_side.handback_step
+                r.penalty, r.share = side_step(p_block, p_input, y, r.input_grad, self.config, p_rng)
                 self._finish_block(k - 1, p_result, results, guard, on_block_end)
             r.input_grad = None
             pending = (block, h, rng, r)

@@ -78,3 +78,26 @@ def output_side_gradients(blocks, x, y, lam, distance="l2", eps=1e-8, lam_mode="
         if shares is not None:
             shares.append(float(lam_k * n_r / n_l))
     return grads
+
+
+def handback_gradients(blocks, x, y, lam):
+    """LocalNet(side="handback", lam_mode="fixed"): block k < K-1 descends l_k + lam l_{k+1}, the
+    latter through x_k only (block k+1's parameters get grad l_{k+1} alone)."""
+    us, outs, losses, h = [], [], [], x
+    for block in blocks:
+        u = h.detach().requires_grad_(True)
+        out = block.module(u)
+        us.append(u)
+        outs.append(out)
+        losses.append(F.cross_entropy(block.head(out), y))
+        h = out.detach()
+    grads = []
+    for k, block in enumerate(blocks):
+        params = [p for p in block.parameters() if p.requires_grad]
+        g = list(torch.autograd.grad(losses[k], params, retain_graph=True))
+        if k < len(blocks) - 1:
+            (g_next,) = torch.autograd.grad(losses[k + 1], us[k + 1], retain_graph=True)
+            g_hand = torch.autograd.grad(outs[k], params, grad_outputs=g_next, retain_graph=True, allow_unused=True)
+            g = [a + lam * (b if b is not None else 0) for a, b in zip(g, g_hand)]
+        grads.append(g)
+    return grads
