@@ -21,6 +21,7 @@ import argparse
 import collections
 import datetime
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -80,7 +81,8 @@ def markdown(rec: dict) -> str:
     r, q = rec["results"], rec["ratios"]
     lines = [
         f"# Exact-engine host overhead, CPU ({rec['config']['name']}, one thread)", "",
-        f"{rec['date']}; {rec['device']}; torch {rec['torch']}; sgr_ext {rec['sgr_ext']}.", "",
+        f"{rec['date']}; {rec['device']}; load average {rec['load_average_1min']:.1f} (other work on the machine "
+        f"inflates both times); torch {rec['torch']}; sgr_ext {rec['sgr_ext']}.", "",
         f"Command: `{rec['command']}`", "",
         "| method | aten ops / step | median step ms (batch 2) | fastest step ms |", "|---|---|---|---|",
     ]
@@ -107,6 +109,7 @@ def main(argv=None) -> dict:
         "benchmark": "exact_overhead",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"cpu ({platform.processor() or platform.machine()}), 1 thread",
+        "load_average_1min": os.getloadavg()[0],  # other work on a shared machine inflates both times
         "torch": torch.__version__, "sgr_ext": sgr_ext.__version__, "python": sys.version.split()[0],
         "command": "python benchmarks/exact_overhead.py " + " ".join(shlex.quote(a) for a in
                                                                      (sys.argv[1:] if argv is None else argv)),

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import torch
 
@@ -22,16 +23,19 @@ BN_SHAPES = {"nchw": (2 * 37, 35, 13, 11), "channels_last": (2 * 37, 35, 13, 11)
 DRY_BN_SHAPES = {"nchw": (2 * 5, 17, 7, 9), "channels_last": (2 * 5, 17, 7, 9), "strided": (2 * 5, 17, 7, 9),
                  "2d": (2 * 131, 19), "3d": (2 * 7, 17, 39)}
 TORCH_HALF_TOL_FACTOR = 4
+LATER_ITEMS = 4  # dual BN, LocalNet fp32 and bf16, the linear CE self-test
 BN_TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}  # dry run: the first only
 
 
 def run(check) -> None:
     dev, dry = check.device, check.dry_run
     impls = [None, "torch", "triton"] + (["cpp"] if dev.type == "cpu" else [])
-    for op in ("reconcile", "linear_ce"):
-        for impl in impls:
-            check.item("correctness", f"{op} impl={impl}", lambda op=op, impl=impl: op_cases(check, op, impl),
-                       need_s=2)
+    todo = [(op, impl) for op in ("reconcile", "linear_ce") for impl in impls]
+    for i, (op, impl) in enumerate(todo):
+        # an equal share of what is left, keeping LATER_ITEMS shares for the checks after these
+        share_s = check.budget.left() / (len(todo) - i + LATER_ITEMS)
+        check.item("correctness", f"{op} impl={impl}", lambda op=op, impl=impl, s=share_s: op_cases(check, op, impl, s),
+                   need_s=2)
     check.item("correctness", "dual BatchNorm kernels", lambda: dual_bn(check), need_s=2)
     from bench_train_step import gradient_check
 
@@ -49,8 +53,9 @@ def run(check) -> None:
     check.item("correctness", "linear_ce self-test", lambda: linear_ce_selftest(check), need_s=2)
 
 
-def op_cases(check, op: str, impl) -> None:
-    """Every case of one op and impl; records counts, the worst error / tolerance, failures."""
+def op_cases(check, op: str, impl, share_s: float) -> None:
+    """The cases of one op and impl that fit in ``share_s`` seconds; records how many ran of
+    how many, the worst error / tolerance and the failures."""
     import sanitize_kernels as S
 
     make = S.reconcile_cases if op == "reconcile" else S.linear_ce_cases
@@ -58,8 +63,9 @@ def op_cases(check, op: str, impl) -> None:
     if check.dry_run:
         cases = [c for c in cases if re.search(DRY_CASES, c[0]) or "out-of-range" in c[0]]
     records = []
+    stop = time.monotonic() + share_s
     for name, fn in cases:
-        if check.budget.left() <= 0:
+        if time.monotonic() > stop:
             break
         rec = S.run_case(name, fn, check.device)
         if impl == "torch" and "tol" in rec and S.dtype_of(name) in ("bf16", "fp16"):

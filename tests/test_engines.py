@@ -539,3 +539,16 @@ def test_benchmark_quick_cpu_smoke(tmp_path):
     assert result["gradient_check"]["fast_penalty_part_rel_err"] < finite_diff.ERROR_BOUND[torch.float32]
     assert (tmp_path / "train_step_cpu_quick.json").exists()
     assert (tmp_path / "train_step_cpu_quick.png").exists()
+
+
+def test_exact_overhead_quick_cpu_smoke(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import exact_overhead
+    finally:
+        sys.path.pop(0)
+    rec = exact_overhead.main(["--quick", "--iters", "1", "--out", str(tmp_path)])
+    ops = {m: r["aten_ops"] for m, r in rec["results"].items()}
+    assert ops["exact"] > ops["local"] > 0 and rec["ratios"]["ops"] == ops["exact"] / ops["local"]
+    assert all(r["median_ms"] > 0 for r in rec["results"].values())
+    assert "| aten ops |" in (tmp_path / "exact_overhead_cpu_quick.md").read_text()
