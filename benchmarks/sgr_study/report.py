@@ -92,7 +92,7 @@ def write(out: Path, results: dict, profile, meta: dict) -> None:
                                   "bp": [bm, bs], "val": vm, "gap_closed": gap,
                                   "beyond_noise": None if None in (tm, lm) else (tm - lm) > max(ts, ls)})
     lines += [f"## Selected settings on the test split ({len(seeds)} seeds, mean ± std, %)", "",
-              "| arch | K | global BP | plain local | SGR setting (chosen on validation) | SGR | gap closed |",
+              "| arch | K | global BP | plain local | reconciliation setting (chosen on validation) | with it | gap closed |",
               "|---|---|---|---|---|---|---|"]
     for c in confirmed:
         gap = "-" if c["gap_closed"] is None else f"{100 * c['gap_closed']:.0f} %"
@@ -104,7 +104,7 @@ def write(out: Path, results: dict, profile, meta: dict) -> None:
               + (", ".join(f"{s['family']} {100 * s['mean_val_gain']:+.2f} pt ({s['cells']} cells)" for s in default["scores"])
                  or "none yet") + ".", "",
               "## Every run at seed 0 (screen; validation decides, test shown for completeness)", "",
-              "| arch | K | setting | val % | Δval vs local | test % | mean cos(A_k, D_k-1) | penalty share (last epoch / epoch 2) | minutes |",
+              "| arch | K | setting | val % | Δval vs local | test % | mean cos(A_k, D_k-1) | share of the update (last epoch / epoch 2) | minutes |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in screen_rows:
         if r["failed"]:
