@@ -135,6 +135,7 @@ def _plots(out: Path, rows: list, profile) -> None:
     if not archs:
         return
     fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4.2), squeeze=False)
+    colors: dict = {}  # one colour per setting family across the panels
     for ax, arch in zip(axes[0], archs):
         rs = [r for r in rows if r["arch"] == arch and r["K"] == K0 and not r["failed"]]
         groups = defaultdict(list)
@@ -145,7 +146,8 @@ def _plots(out: Path, rows: list, profile) -> None:
                 groups[f"{v['distance']} {v['mode']}{' ' + v['sched'] if v['sched'] else ''}{side}"].append((v["lam"], r["val"]))
         for label, pts in sorted(groups.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label)
+            color = colors.setdefault(label, plt.cm.tab10(len(colors) % 10))
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label, color=color)
         for fam, style in (("local", "k--"), ("bp", "k:")):
             for r in rs:
                 if r["family"] == fam:
