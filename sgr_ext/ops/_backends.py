@@ -94,7 +94,13 @@ def cpp_ops():
 
 
 def info() -> dict:
-    """What is installed and active: {"torch", "triton", "triton_interpret", "cuda", "cpp"}."""
+    """What is installed and active: {"torch", "triton", "triton_interpret", "cuda", "cpp",
+    "ops"}; "ops" maps each op contract of ``sgr_ext.ops`` to the ``impl`` values it takes."""
+    # imported here: the op modules import this one
+    from sgr_ext.ops.dual_batchnorm import IMPLS as dual_batchnorm_impls
+    from sgr_ext.ops.linear_ce import IMPLS as linear_ce_impls
+    from sgr_ext.ops.reconcile import IMPLS as reconcile_impls
+
     triton_version = None
     if triton_installed():
         import triton
@@ -106,4 +112,9 @@ def info() -> dict:
         "triton_interpret": interpret_mode(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpp": cpp_ops() is not None,
+        "ops": {
+            "reconcile": reconcile_impls,
+            "linear_cross_entropy": linear_ce_impls,
+            "dual_batchnorm": dual_batchnorm_impls,
+        },
     }

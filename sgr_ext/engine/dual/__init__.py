@@ -49,9 +49,7 @@ from sgr_ext.engine.dual.conv import (  # noqa: F401
     DualInputConv,
 )
 from sgr_ext.engine.dual.batchnorm import (  # noqa: F401
-    _bcast, _as3d, _triton_forced, _use_triton, _blocks, _finalize_blocks, _triton_stats_fwd,
-    _triton_apply_fwd, _triton_stats_bwd, _triton_apply_bwd, DualBatchNorm, _bn_fwd, _bn_apply,
-    _bn_bwd, DualBNReLUConv, _torch_apply_fwd, _torch_stats_bwd, _torch_apply_bwd, _batch_stats,
+    _bcast, _triton_forced, _impl, DualBatchNorm, _bn_bwd, DualBNReLUConv, _batch_stats,
     _rule_batchnorm,
 )
 from sgr_ext.engine.dual.modules import (  # noqa: F401
