@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from sgr_ext.net import LocalNet, NonFiniteError, StepStats, eager_step
+from sgr_ext.nonfinite import apply_policy, grads_bad, restore_grads, save_grads
 
 __all__ = [
     "PARALLEL_MODES",
@@ -316,7 +317,7 @@ class DataParallelLocalNet:
         blocks = self.net.blocks
         n_blocks = len(blocks)
         b_local = float(x.shape[0])
-        saved = _save_grads(blocks)
+        saved = save_grads(blocks)
         input_bad = (~torch.isfinite(x).all()) if x.is_floating_point() else None
         buckets: list = []  # (block, flat, params, work)
         results: dict = {}
@@ -381,8 +382,8 @@ class DataParallelLocalNet:
                         p.grad.copy_(view)
                     else:
                         p.grad = view
-            _restore_grads(blocks, restore, saved)
-        return _apply_policy(_stats_from_table(table), bad, self.policy, "on at least one rank")
+            restore_grads(blocks, restore, saved)
+        return apply_policy(_stats_from_table(table), bad, self.policy, "on at least one rank")
 
     @property
     def policy(self) -> str:
@@ -431,46 +432,6 @@ def _stats_from_table(table: torch.Tensor) -> StepStats:
         stats.accuracies.append(None if row[2] != row[2] else row[2])
         stats.cosines.append(None if row[3] != row[3] else row[3])
         stats.norm_ratios.append(None if row[4] != row[4] else row[4])
-    return stats
-
-
-def _grads_bad(grads, device) -> torch.Tensor:
-    """0-dim bool tensor: some entry of these gradients is NaN/Inf (no host sync)."""
-    grads = [g for g in grads if g is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.bool, device=device)
-    norms = torch._foreach_norm(grads, 1)
-    return ~torch.isfinite(torch.stack([n.to(torch.float64) for n in norms]).sum())
-
-
-def _save_grads(blocks, which=None) -> dict:
-    """id(p) -> a copy of p.grad (None stays None: nothing is copied after zero_grad(set_to_none=True))."""
-    which = range(len(blocks)) if which is None else which
-    return {id(p): (None if p.grad is None else p.grad.detach().clone())
-            for k in which for p in blocks[k].trainable_parameters()}
-
-
-def _restore_grads(blocks, which, saved: dict) -> None:
-    for k in sorted(which):
-        for p in blocks[k].trainable_parameters():
-            if id(p) in saved:
-                old = saved[id(p)]
-                p.grad = None if old is None else old.clone()
-
-
-def _apply_policy(stats: StepStats, bad: dict, policy: str, where: str) -> StepStats:
-    """LocalNet's ``nonfinite`` policy on ``bad`` ({block: [what]}); the caller restored the gradients."""
-    if not bad:
-        return stats
-    stats.nonfinite_blocks = sorted(bad)
-    first = stats.nonfinite_blocks[0]
-    if policy == "raise":
-        raise NonFiniteError(first, f"{bad[first][0]} ({where})")
-    stats.skipped = policy == "skip"
-    blocks = ", ".join(f"block {k} ({'/'.join(bad[k])})" for k in stats.nonfinite_blocks)
-    action = ("the step was skipped (p.grad left as before it)" if stats.skipped
-              else "those blocks' p.grad were left as before the step")
-    warnings.warn(f"non-finite values {where} in {blocks}; {action}", RuntimeWarning, stacklevel=3)
     return stats
 
 
@@ -683,7 +644,7 @@ class PipelineStage:
             grads = [p.grad for p in params if p.grad is not None]
             if grads and scale != 1.0:
                 torch._foreach_mul_(grads, scale)
-            flags = [_grads_bad([p.grad for p in net.blocks[k].trainable_parameters()], self.device)
+            flags = [grads_bad([p.grad for p in net.blocks[k].trainable_parameters()], self.device)
                      for k in self.owned]
             if input_bad is not None:
                 flags.append(input_bad)
@@ -724,7 +685,7 @@ class PipelineStage:
                     p.grad = old
                 elif old is not None:
                     p.grad = old if p.grad is None else old.add_(p.grad)
-        return _apply_policy(_stats_from_table(table[:, : len(_FIELDS)]), bad, policy,
+        return apply_policy(_stats_from_table(table[:, : len(_FIELDS)]), bad, policy,
                              f"in blocks 0..{self.stop - 1} (pipeline stage {self.rank})")
 
     # -- whole model
