@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from sgr_ext.ops import _dual_bn_torch
-from sgr_ext.reference import accumulate_dtype
+from sgr_ext._tensor_util import accumulate_dtype
 
 KERNEL_IMPLS = ("torch", "triton")
 

@@ -12,12 +12,7 @@ from typing import Optional
 
 import torch
 
-from sgr_ext.reference import accumulate_dtype
-
-
-def _bcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    """(C,) -> (1, C, 1, ...) for a (n, C, *spatial) tensor of ``ndim`` dims."""
-    return v.view(1, -1, *([1] * (ndim - 2)))
+from sgr_ext._tensor_util import accumulate_dtype, channel_view
 
 
 def stats_fwd(z: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
@@ -30,7 +25,7 @@ def stats_fwd(z: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[to
     xp, xt = z2[0].to(acc), z2[1].to(acc)
     var, mean = torch.var_mean(xp, dim=red, correction=0)
     mt = xt.mean(red)
-    cross = ((xp - _bcast(mean, nd)) * xt).mean(red)
+    cross = ((xp - channel_view(mean, nd)) * xt).mean(red)
     del xp, xt
     rstd = torch.rsqrt(var + eps)
     s = cross * rstd
@@ -47,7 +42,7 @@ def apply_fwd(z, out, a, b, d, e, relu):
     n, nd = z.shape[0] // 2, z.dim()
     acc = a.dtype
     z2, o2 = z.view(2, n, *z.shape[1:]), out.view(2, n, *z.shape[1:])
-    A, Bc, Dc, E = (_bcast(v, nd) for v in (a, b, d, e))
+    A, Bc, Dc, E = (channel_view(v, nd) for v in (a, b, d, e))
     if acc == z.dtype:  # write straight into the output halves
         torch.addcmul(Bc, z2[0], A, out=o2[0])
         torch.addcmul(E, z2[0], Dc, out=o2[1])
@@ -99,13 +94,13 @@ def _stats_bwd(z, grad, gz, mean, a, b, relu):
     z2, g2, gz2 = z.view(2, n, *z.shape[1:]), grad.view(2, n, *grad.shape[1:]), gz.view(2, n, *z.shape[1:])
     xp, xt = z2[0].to(acc), z2[1].to(acc)
     if relu:  # recompute the mask exactly as the forward did
-        mask = torch.addcmul(_bcast(b, nd), xp, _bcast(a, nd)) > 0
+        mask = torch.addcmul(channel_view(b, nd), xp, channel_view(a, nd)) > 0
         torch.mul(g2, mask, out=gz2)
         del mask
     else:
         gz2.copy_(g2)
     gy, gt = gz2[0].to(acc), gz2[1].to(acc)
-    xc = xp - _bcast(mean, nd)
+    xc = xp - channel_view(mean, nd)
     sums = [gy.sum(red)]
     tmp = torch.mul(gy, xc)
     sums.append(tmp.sum(red))
@@ -121,13 +116,13 @@ def _apply_bwd(z, gz, mean, k1, k2, k3, kx, k0, k7, k8):
     acc = mean.dtype
     z2, gz2 = z.view(2, n, *z.shape[1:]), gz.view(2, n, *z.shape[1:])
     xp, xt = z2[0].to(acc), z2[1].to(acc)
-    xc = xp - _bcast(mean, nd)
+    xc = xp - channel_view(mean, nd)
     del xp
     gy, gt = gz2[0].to(acc), gz2[1].to(acc)
-    gx = gy.mul(_bcast(k1, nd)) if acc != z.dtype else gz2[0].mul_(_bcast(k1, nd))
-    gx.addcmul_(gt, _bcast(k2, nd)).addcmul_(xt, _bcast(k3, nd)).addcmul_(xc, _bcast(kx, nd)).add_(_bcast(k0, nd))
-    gtt = gt.mul(_bcast(k1, nd)) if acc != z.dtype else gz2[1].mul_(_bcast(k1, nd))
-    gtt.addcmul_(xc, _bcast(k7, nd)).add_(_bcast(k8, nd))
+    gx = gy.mul(channel_view(k1, nd)) if acc != z.dtype else gz2[0].mul_(channel_view(k1, nd))
+    gx.addcmul_(gt, channel_view(k2, nd)).addcmul_(xt, channel_view(k3, nd)).addcmul_(xc, channel_view(kx, nd)).add_(channel_view(k0, nd))
+    gtt = gt.mul(channel_view(k1, nd)) if acc != z.dtype else gz2[1].mul_(channel_view(k1, nd))
+    gtt.addcmul_(xc, channel_view(k7, nd)).add_(channel_view(k8, nd))
     if acc != z.dtype:
         gz2[0].copy_(gx)
         gz2[1].copy_(gtt)

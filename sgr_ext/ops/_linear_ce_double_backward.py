@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from sgr_ext.ops._linear_ce_fused import _empty, _row_scale, _triton, _valid
-from sgr_ext.reference import accumulate_dtype
+from sgr_ext._tensor_util import accumulate_dtype
 
 # budget of the float32/float64 working buffers of the (chunked) double backward
 DOUBLE_BACKWARD_CHUNK_BYTES = 64 << 20

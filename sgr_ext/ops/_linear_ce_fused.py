@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from sgr_ext.ops import _backends
-from sgr_ext.reference import accumulate_dtype
+from sgr_ext._tensor_util import accumulate_dtype
 
 # precomputed dW of a half-precision weight accumulates over chunks in float32 when the
 # float32 buffer is at most this big; above it, in the weight's dtype (one rounding per

@@ -24,7 +24,7 @@ from torch import Tensor
 from sgr_ext.ops import _backends
 from sgr_ext.ops._linear_ce_double_backward import double_backward
 from sgr_ext.ops._linear_ce_fused import _cpp, _empty, _reduce, _row_scale, _triton, fused_backward, fused_forward
-from sgr_ext.reference import accumulate_dtype
+from sgr_ext._tensor_util import accumulate_dtype
 
 
 def _loss_shape(x: Tensor, reduction: str) -> tuple:

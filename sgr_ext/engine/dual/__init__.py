@@ -49,7 +49,7 @@ from sgr_ext.engine.dual.conv import (  # noqa: F401
     DualInputConv,
 )
 from sgr_ext.engine.dual.batchnorm import (  # noqa: F401
-    _bcast, _triton_forced, _impl, DualBatchNorm, _bn_bwd, DualBNReLUConv, _batch_stats,
+    _triton_forced, _impl, DualBatchNorm, _bn_bwd, DualBNReLUConv, _batch_stats,
     _rule_batchnorm,
 )
 from sgr_ext.engine.dual.modules import (  # noqa: F401

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sgr_ext._tensor_util import channel_view
 from sgr_ext.engine.dual.conv import _conv_backward, _conv_dtype
 from sgr_ext.engine.dual.elementwise import _relu
 from sgr_ext.engine.dual.value import Dual
 from sgr_ext.ops import dual_batchnorm
-from sgr_ext.ops._dual_bn_torch import _bcast
 
 
 def _triton_forced() -> bool:
@@ -135,7 +135,7 @@ def _rule_batchnorm(m, x, *, relu: bool = False):
     shift = -m.running_mean * scale
     if m.bias is not None:
         shift = shift + m.bias
-    p = x.primal * _bcast(scale, nd).to(x.P.dtype) + _bcast(shift, nd).to(x.P.dtype)
-    t = x.tangent * _bcast(scale, nd).to(x.P.dtype)
+    p = x.primal * channel_view(scale, nd).to(x.P.dtype) + channel_view(shift, nd).to(x.P.dtype)
+    t = x.tangent * channel_view(scale, nd).to(x.P.dtype)
     out = Dual(torch.stack([p, t]))
     return _relu(out) if relu else out

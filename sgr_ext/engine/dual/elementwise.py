@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from sgr_ext.engine.dual.fallback import _fallback
 from sgr_ext.engine.dual.value import Dual, _with_bias
-from sgr_ext.reference import accumulate_dtype
+from sgr_ext._tensor_util import accumulate_dtype
 
 
 def _relu(x, inplace: bool = False):

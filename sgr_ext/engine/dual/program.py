@@ -19,7 +19,7 @@ from sgr_ext.engine.dual.fallback import _fallback, _fallback_method
 from sgr_ext.engine.dual.functions import FUNCTION_RULES, _method
 from sgr_ext.engine.dual.modules import _call_module
 from sgr_ext.engine.dual.value import Dual, _has_dual, _is_dual, _with_bias
-from sgr_ext.reference import accumulate_dtype
+from sgr_ext._tensor_util import accumulate_dtype
 
 
 def _bn_relu_conv(bn: nn.Module, conv: nn.Module, x):
