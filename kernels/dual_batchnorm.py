@@ -283,12 +283,17 @@ def _finalize_blocks(C: int) -> tuple[int, int]:
     return 32, 64
 
 
+def _tiling(z3: torch.Tensor) -> tuple[int, int, int, int, int, tuple[int, int]]:
+    """(n, C, S, BLOCK_P, BLOCK_C, grid) of the (row block, channel block) grid over a (2n, C, S) view."""
+    n, C, S = z3.shape[0] // 2, z3.shape[1], z3.shape[2]
+    bp, bc = _blocks(C, n * S)
+    return n, C, S, bp, bc, (triton.cdiv(n * S, bp), triton.cdiv(C, bc))
+
+
 def stats_fwd(z: torch.Tensor, weight, bias, eps: float):
     """(8, C) float32: per-channel statistics and apply coefficients mean, rstd, mt, s, a, b, d, e."""
     z3 = _as3d(z)
-    n, C, S = z3.shape[0] // 2, z3.shape[1], z3.shape[2]
-    bp, bc = _blocks(C, n * S)
-    grid = (triton.cdiv(n * S, bp), triton.cdiv(C, bc))
+    n, C, S, bp, bc, grid = _tiling(z3)
     f32 = dict(dtype=torch.float32, device=z.device)
     cnt = torch.empty(grid[0], **f32)
     parts = torch.empty(4, grid[0], C, **f32)
@@ -308,9 +313,7 @@ def stats_fwd(z: torch.Tensor, weight, bias, eps: float):
 
 def apply_fwd(z, out, a, b, d, e, relu):
     z3, o3 = _as3d(z), _as3d(out)
-    n, C, S = z3.shape[0] // 2, z3.shape[1], z3.shape[2]
-    bp, bc = _blocks(C, n * S)
-    grid = (triton.cdiv(n * S, bp), triton.cdiv(C, bc))
+    n, C, S, bp, bc, grid = _tiling(z3)
     _apply_fwd_kernel[grid](
         z3, o3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
         o3.stride(0), o3.stride(1), o3.stride(2), n * o3.stride(0),
@@ -322,9 +325,7 @@ def stats_bwd(z, g, weight, stats, relu):
     """(k1, k2, k3, kx, k0, k7, k8, g_weight, g_bias): backward coefficients, float32."""
     mean, rstd, mt, s, a, b = stats[:6]
     z3, g3 = _as3d(z), _as3d(g)
-    n, C, S = z3.shape[0] // 2, z3.shape[1], z3.shape[2]
-    bp, bc = _blocks(C, n * S)
-    grid = (triton.cdiv(n * S, bp), triton.cdiv(C, bc))
+    n, C, S, bp, bc, grid = _tiling(z3)
     parts = torch.empty(5, grid[0], C, dtype=torch.float32, device=z.device)
     _stats_bwd_kernel[grid](
         z3, g3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
@@ -342,9 +343,7 @@ def stats_bwd(z, g, weight, stats, relu):
 
 def apply_bwd(z, g, gz, mean, a, b, k1, k2, k3, kx, k0, k7, k8, relu):
     z3, g3, o3 = _as3d(z), _as3d(g), _as3d(gz)
-    n, C, S = z3.shape[0] // 2, z3.shape[1], z3.shape[2]
-    bp, bc = _blocks(C, n * S)
-    grid = (triton.cdiv(n * S, bp), triton.cdiv(C, bc))
+    n, C, S, bp, bc, grid = _tiling(z3)
     _apply_bwd_kernel[grid](
         z3, g3, o3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
         g3.stride(0), g3.stride(1), g3.stride(2), n * g3.stride(0),

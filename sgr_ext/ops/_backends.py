@@ -34,6 +34,33 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# Availability is a property of the process, not of the traced values: torch.compile
+# evaluates these once at trace time instead of tracing into the env / import lookups.
+@torch.compiler.assume_constant_result
+def triton_installed_constant() -> bool:
+    return triton_installed()
+
+
+@torch.compiler.assume_constant_result
+def interpret_mode_constant() -> bool:
+    return interpret_mode()
+
+
+def require_triton(op: str, device: torch.device, cpu_alternative: str) -> None:
+    """Raise BackendUnavailable unless ``op(impl='triton')`` can run on ``device``
+    (``cpu_alternative`` names the impls to use for CPU tensors instead)."""
+    if not triton_installed_constant():
+        raise BackendUnavailable(f"{op}(impl='triton'): triton is not installed")
+    if device.type == "cpu" and not interpret_mode_constant():
+        raise BackendUnavailable(
+            f"{op}(impl='triton'): the tensors are on the CPU; Triton kernels need CUDA tensors, "
+            "or TRITON_INTERPRET=1 (set before sgr_ext's kernels are first used) to run them in the "
+            f"CPU interpreter. Use {cpu_alternative} for CPU tensors."
+        )
+    if device.type not in ("cuda", "cpu"):
+        raise BackendUnavailable(f"{op}(impl='triton'): no Triton backend for device {device}")
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """Triton can run on ``device``: a CUDA device, or CPU tensors under TRITON_INTERPRET=1."""
     if not triton_installed():

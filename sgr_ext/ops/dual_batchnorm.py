@@ -37,38 +37,19 @@ BackendUnavailable = _backends.BackendUnavailable
 SUPPORTED_DTYPES = {"triton": (torch.float16, torch.bfloat16, torch.float32)}
 
 
-@torch.compiler.assume_constant_result
-def _triton_installed() -> bool:
-    return _backends.triton_installed()
-
-
-@torch.compiler.assume_constant_result
-def _triton_interpret() -> bool:
-    return _backends.interpret_mode()
-
-
 def resolve_impl(impl: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """The path the dual BatchNorm takes for tensors on ``device`` of ``dtype``.
 
     Raises BackendUnavailable when a path asked for explicitly cannot run here.
     """
     if impl is None:
-        if device.type == "cuda" and dtype in SUPPORTED_DTYPES["triton"] and _triton_installed():
+        if device.type == "cuda" and dtype in SUPPORTED_DTYPES["triton"] and _backends.triton_installed_constant():
             return "triton"
         return "torch"
     _checks.choice("impl", impl, IMPLS)
     if impl == "torch":
         return impl
-    if not _triton_installed():
-        raise BackendUnavailable("dual_batchnorm(impl='triton'): triton is not installed")
-    if device.type == "cpu" and not _triton_interpret():
-        raise BackendUnavailable(
-            "dual_batchnorm(impl='triton'): the tensors are on the CPU; Triton kernels need CUDA tensors, "
-            "or TRITON_INTERPRET=1 (set before sgr_ext's kernels are first used) to run them in the CPU "
-            "interpreter. Use impl=None or 'torch' for CPU tensors."
-        )
-    if device.type not in ("cuda", "cpu"):
-        raise BackendUnavailable(f"dual_batchnorm(impl='triton'): no Triton backend for device {device}")
+    _backends.require_triton("dual_batchnorm", device, "impl=None or 'torch'")
     if dtype not in SUPPORTED_DTYPES["triton"]:
         raise BackendUnavailable(f"dual_batchnorm(impl='triton') does not support dtype {dtype}; use impl='torch'")
     return impl
