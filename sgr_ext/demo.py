@@ -14,7 +14,9 @@ from sgr_ext import _checks
 from sgr_ext.data import load_digits
 from sgr_ext.models import DigitsCNN
 from sgr_ext.split import model_units
-from sgr_ext.trainer.loop import TrainConfig, resolve_device, train
+from sgr_ext.trainer.config import TrainConfig
+from sgr_ext.trainer.loop import train
+from sgr_ext.trainer.runtime import resolve_device
 
 METHODS = ("bp", "local", "sgr")
 

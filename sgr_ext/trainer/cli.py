@@ -1,7 +1,7 @@
 """``sgr-ext train``: train a model on real data with global BP, plain local learning or SGR.
 
 Adding an option: one ``p.add_argument(...)`` below whose ``dest`` matches a new field of
-``TrainConfig`` (``sgr_ext.trainer.loop``); ``TrainConfig.from_namespace`` copies it over.
+``TrainConfig`` (``sgr_ext.trainer.config``); ``TrainConfig.from_namespace`` copies it over.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import types
 
 from sgr_ext.net import NONFINITE_POLICIES
 from sgr_ext.trainer import archs
-from sgr_ext.trainer.loop import (AUGMENTS, DEFAULT_LAM, GRADS, METHODS, OPTIMIZERS, PARALLEL, SCHEDULES, TrainConfig,
-                                  TrainingDiverged)
+from sgr_ext.trainer.config import (AUGMENTS, DEFAULT_LAM, GRADS, METHODS, OPTIMIZERS, PARALLEL, SCHEDULES, TrainConfig,
+                                    TrainingDiverged)
 
 EXAMPLES = """examples:
   sgr-ext train --arch resnet32 --modules 8 --method sgr --lam 0.1 --data .data/cifar10_subset.npz --out runs/r32-k8-sgr
