@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgr_ext import _checks
+from sgr_ext import _checks, defaults
 from sgr_ext.blocks import LocalBlock
 from sgr_ext.engine import ENGINES, StepConfig, forward_grad, local, output_side
 from sgr_ext.engine.pipeline import BlockPipeline, overlap_enabled
@@ -68,11 +68,14 @@ class LocalNet(nn.Module):
 
     Args:
         blocks: the K ``LocalBlock``s in order; the last block's head is the classifier.
-        lam: penalty strength >= 0 (0 gives plain local learning): the weight lambda of R_k
+        lam: strength >= 0 (0 gives plain local learning). None (the default): the setting the
+            accuracy study chose on validation (``sgr_ext.defaults``: ``side="handback"``,
+            ``lam_mode="grad_ratio"``, lam 1.0). A number: the weight lambda of R_k
             (``lam_mode="fixed"``), or the penalty gradient's norm as a fraction of the loss
             gradient's, per block and step (``lam_mode="grad_ratio"``).
         distance: ``"l2"``, ``"l2_rel"`` or ``"cosine"`` (see ``sgr_ext.reconcile``).
-        lam_mode: ``"fixed"``: J_k = l_k + lam R_k, the definition (DESIGN.md section 1).
+        lam_mode: (default ``"fixed"`` when ``lam`` is given) ``"fixed"``: J_k = l_k + lam R_k,
+            the definition (DESIGN.md section 1).
             ``"grad_ratio"``: block k's update is grad l_k + lam_k grad R_k with
             lam_k = lam ||grad l_k|| / ||grad R_k||, so one number means the same strength for
             every distance, block, model, batch size and stage of training. Costs the weight
@@ -80,7 +83,8 @@ class LocalNet(nn.Module):
             from the loss's); ``grad="backward"`` only.
         track_share: also measure ``StepStats.penalty_shares`` under ``lam_mode="fixed"``
             (same cost as ``"grad_ratio"``; ``grad="backward"`` only).
-        side: which block the penalty at boundary k trains. ``"input"``: block k, whose input
+        side: (default ``"input"`` when ``lam`` is given) which block the boundary-k term
+            trains. ``"input"``: block k, whose input
             gradient A_k is pulled towards D_{k-1} (DESIGN.md section 1). ``"output"``: block k-1,
             whose output gradient D_{k-1} is pulled towards A_k (``sgr_ext.engine.output_side``):
             what block k needs reaches block k-1, still without a gradient crossing a boundary.
@@ -121,7 +125,7 @@ class LocalNet(nn.Module):
         self,
         blocks: Sequence[LocalBlock],
         *,
-        lam: float,
+        lam: Optional[float] = None,
         distance: str = "l2",
         loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         mode: str = "exact",
@@ -132,9 +136,9 @@ class LocalNet(nn.Module):
         fg_per_sample: bool = True,
         nonfinite: str = "raise",
         overlap="auto",
-        lam_mode: str = "fixed",
+        lam_mode: Optional[str] = None,
         track_share: bool = False,
-        side: str = "input",
+        side: Optional[str] = None,
     ):
         super().__init__()
         if not (isinstance(blocks, nn.Module) or hasattr(blocks, "__iter__")) or isinstance(blocks, str):
@@ -154,6 +158,10 @@ class LocalNet(nn.Module):
             raise TypeError(f"fg_per_sample: expected a bool, got {type(fg_per_sample).__name__}")
         if not isinstance(track_share, bool):
             raise TypeError(f"track_share: expected a bool, got {type(track_share).__name__}")
+        if lam is None and grad == "forward":
+            raise ValueError("lam: the default (sgr_ext.defaults, chosen with backprop inside the blocks) does not "
+                             "apply to grad='forward'; pass lam (and side='input') explicitly")
+        lam, lam_mode, side = defaults.resolve(lam, lam_mode, side)
         self.blocks = nn.ModuleList(blocks)
         self.mode = _checks.choice("mode", mode, ENGINES)
         self.config = StepConfig(

@@ -7,7 +7,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from sgr_ext.distributed.process import _blocking, _global, _group_rank, _start, _wait, shard_batch
+from sgr_ext.distributed.process import _blocking, _global, _group_rank, _start, _wait, require_input_side, shard_batch
 from sgr_ext.distributed.stats_table import _FIELDS, _bad_blocks, _mask_absent, _present, _stat_row, _stats_from_table
 from sgr_ext.net import LocalNet, StepStats, eager_step
 from sgr_ext.nonfinite import NonFiniteError, apply_policy, restore_grads, save_grads
@@ -41,6 +41,7 @@ class DataParallelLocalNet:
     def __init__(self, net: LocalNet, *, process_group=None, shard_input: bool = True):
         if not isinstance(net, LocalNet):
             raise TypeError(f"net: expected a LocalNet, got {type(net).__name__}")
+        require_input_side(net)
         if not dist.is_initialized():
             raise RuntimeError("DataParallelLocalNet: torch.distributed is not initialised (call setup_from_env())")
         self.net = net

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from sgr_ext.distributed.process import _blocking, _comm_device, _global, _group_rank, _start, _wait
+from sgr_ext.distributed.process import _blocking, _comm_device, _global, _group_rank, _start, _wait, require_input_side
 from sgr_ext.distributed.stats_table import _FIELDS, _WHAT, _mask_absent, _present, _stat_row, _stats_from_table
 from sgr_ext.distributed.wire import _HEADER, _TAG_D, _TAG_HEADER, _TAG_STATS, _TAG_X, _make_header, _parse_header
 from sgr_ext.net import LocalNet, StepStats, eager_step
@@ -60,6 +60,7 @@ class PipelineStage:
                  device: Union[str, torch.device, None] = None, process_group=None):
         if not isinstance(net, LocalNet):
             raise TypeError(f"net: expected a LocalNet, got {type(net).__name__}")
+        require_input_side(net)
         if not dist.is_initialized():
             raise RuntimeError("PipelineStage: torch.distributed is not initialised (call setup_from_env())")
         if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:

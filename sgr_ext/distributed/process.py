@@ -182,3 +182,10 @@ def shard_batch(x: Optional[torch.Tensor], y: torch.Tensor, rank: int, world_siz
     ys = y.tensor_split(world_size)[rank]
     xs = x.tensor_split(world_size)[rank] if x is not None else None
     return xs, ys
+
+
+def require_input_side(net) -> None:
+    """The runners' step loops train each block once, from the input side: refuse the others."""
+    if net.side != "input" and net.lam > 0:
+        raise ValueError(f"net: side={net.side!r} is not supported by the distributed runners yet (their step loop "
+                         "trains each block once, from the input side); build the LocalNet with side='input'")

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from sgr_ext import _checks
+from sgr_ext import _checks, defaults
 from sgr_ext.net import NONFINITE_POLICIES
 from sgr_ext.trainer import archs
 
@@ -19,7 +19,7 @@ OPTIMIZERS = ("sgd", "adamw")
 AUGMENTS = ("auto", "crop-flip", "flip", "none")
 GRADS = ("backward", "forward")
 PARALLEL = ("auto", "none", "data", "module")
-DEFAULT_LAM = 0.1
+DEFAULT_LAM = defaults.LAM  # with --lam-mode/--side left open: the study's setting (sgr_ext.defaults)
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -39,7 +39,9 @@ class TrainConfig:
     arch: str = "resnet32"
     modules: int = 4
     method: str = "sgr"
-    lam: Optional[float] = None  # None: DEFAULT_LAM for sgr methods, 0 for local
+    lam: Optional[float] = None  # None: the study's default setting (sgr_ext.defaults) for sgr methods
+    lam_mode: Optional[str] = None  # None: sgr_ext.defaults.resolve (grad_ratio without --lam, fixed with it)
+    side: Optional[str] = None  # None: handback without --lam, input with it
     distance: str = "l2"
     lam_warmup: float = 0.0  # epochs of linear lambda warm-up from 0
     epochs: int = 30
@@ -90,6 +92,13 @@ class TrainConfig:
         _checks.choice("--optimizer", self.optimizer, OPTIMIZERS)
         _checks.choice("--augment", self.augment, AUGMENTS)
         _checks.distance(self.distance)
+        if self.lam_mode is not None:
+            _checks.choice("--lam-mode", self.lam_mode, ("fixed", "grad_ratio"))
+        if self.side is not None:
+            _checks.choice("--side", self.side, ("input", "output", "handback"))
+        if self.parallel in ("data", "module") and self.method.startswith("sgr") and self.reconciliation[2] != "input":
+            raise ValueError(f"--side {self.reconciliation[2]}: not supported with --parallel {self.parallel} yet; "
+                             "pass --side input (and a --lam)")
         _checks.positive_int("--modules", self.modules)
         _checks.positive_int("--epochs", self.epochs)
         _checks.positive_int("--batch-size", self.batch_size)
@@ -155,15 +164,25 @@ class TrainConfig:
     def lam_value(self) -> float:
         if self.method in ("bp", "local"):
             return 0.0
-        return DEFAULT_LAM if self.lam is None else float(self.lam)
+        return self.reconciliation[0]
 
     @property
     def engine_mode(self) -> str:
         return "fast" if self.method == "sgr-fast" else "exact"
 
+    @property
+    def reconciliation(self) -> tuple:
+        """(lam, lam_mode, side) of the run (lam 0 for bp and local)."""
+        lam = self.lam if self.lam is not None or self.grad == "backward" else defaults.BP_FREE_LAM
+        lam, lam_mode, side = defaults.resolve(lam, self.lam_mode, self.side)
+        return (0.0 if self.method in ("bp", "local") else float(lam)), lam_mode, side
+
     def localnet_kwargs(self) -> dict:
+        _, lam_mode, side = self.reconciliation
         return {
             "lam": self.lam_value,
+            "lam_mode": lam_mode,
+            "side": side,
             "distance": self.distance,
             "mode": self.engine_mode,
             "track_alignment": self.method == "local",
@@ -176,6 +195,9 @@ class TrainConfig:
         if self.method == "bp":
             return f"{self.arch}-bp-s{self.seed}"
         tag = self.method if self.method == "local" else f"{self.method}-{self.distance}-lam{self.lam_value:g}"
+        if self.method not in ("bp", "local"):
+            _, lam_mode, side = self.reconciliation
+            tag += ("" if lam_mode == "fixed" else "-ratio") + ("" if side == "input" else f"-{side}")
         if self.lam_warmup and self.method != "local":
             tag += f"-warm{self.lam_warmup:g}"
         if self.grad == "forward":
