@@ -162,8 +162,9 @@ def linear_ce_cases(dev, small: bool, impl="triton", dtypes=DTYPE_NAMES) -> list
     (which only the fused paths have); plus an out-of-range target that must be rejected."""
     import torch
 
-    import sgr_ext.ops.linear_ce as lce
     from sgr_ext.kernels import linear_ce as lce_kernels
+    from sgr_ext.ops import _linear_ce_double_backward as lce_double  # the tuning knobs live where they are used
+    from sgr_ext.ops import _linear_ce_fused as lce_fused
     from sgr_ext.ops.linear_ce import linear_cross_entropy
 
     lce_shapes = [(1, 1, 1), (3, 5, 7), (37, 19, 1001), (130, 33, 517)]
@@ -182,8 +183,8 @@ def linear_ce_cases(dev, small: bool, impl="triton", dtypes=DTYPE_NAMES) -> list
                 t[: min(n, 4)] = -100
             patches = []
             if force:
-                patches = [(lce, "chunk_rows", lambda n_, h_, v_: 4), (lce_kernels, "MAX_SINGLE_BLOCK", 64),
-                           (lce_kernels, "LOOP_BLOCK", 64), (lce, "DOUBLE_BACKWARD_CHUNK_BYTES", 3 * 2 * v * 8)]
+                patches = [(lce_fused, "chunk_rows", lambda n_, h_, v_: 4), (lce_kernels, "MAX_SINGLE_BLOCK", 64),
+                           (lce_kernels, "LOOP_BLOCK", 64), (lce_double, "DOUBLE_BACKWARD_CHUNK_BYTES", 3 * 2 * v * 8)]
             with _Patched(*patches):
                 out = linear_cross_entropy(x, w, t, bias=b, reduction=reduction, impl=impl)
                 go = torch.randn_like(out) if reduction == "none" else torch.tensor(1.7, dtype=out.dtype, device=dev)

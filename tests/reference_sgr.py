@@ -46,11 +46,8 @@ def sgr_gradients(blocks, x, y, lam, distance="l2", eps=1e-8, lam_mode="fixed", 
     return grads
 
 
-def output_side_gradients(blocks, x, y, lam, distance="l2", eps=1e-8, lam_mode="fixed", shares=None):
-    """LocalNet(side="output"): grad l_k + lam_k grad dist(D_k(theta_k), stop_grad(A_{k+1})) for
-    every block but the last (which gets grad l_K). One forward per block, graphs kept.
-    shares: receives |lam_k grad R'| / |grad l_k| per boundary (index k+1 for block k's penalty)."""
-    batch = x.shape[0]
+def _chain(blocks, x, y):
+    """One forward per block with its graph kept: (inputs u_k, outputs x_k, losses l_k)."""
     us, outs, losses, h = [], [], [], x
     for block in blocks:
         u = h.detach().requires_grad_(True)
@@ -59,6 +56,15 @@ def output_side_gradients(blocks, x, y, lam, distance="l2", eps=1e-8, lam_mode="
         outs.append(out)
         losses.append(F.cross_entropy(block.head(out), y))
         h = out.detach()
+    return us, outs, losses
+
+
+def output_side_gradients(blocks, x, y, lam, distance="l2", eps=1e-8, lam_mode="fixed", shares=None):
+    """LocalNet(side="output"): grad l_k + lam_k grad dist(D_k(theta_k), stop_grad(A_{k+1})) for
+    every block but the last (which gets grad l_K). One forward per block, graphs kept.
+    shares: receives |lam_k grad R'| / |grad l_k| per boundary (index k+1 for block k's penalty)."""
+    batch = x.shape[0]
+    us, outs, losses = _chain(blocks, x, y)
     grads = []
     if shares is not None:
         shares.append(None)
@@ -83,14 +89,7 @@ def output_side_gradients(blocks, x, y, lam, distance="l2", eps=1e-8, lam_mode="
 def handback_gradients(blocks, x, y, lam):
     """LocalNet(side="handback", lam_mode="fixed"): block k < K-1 descends l_k + lam l_{k+1}, the
     latter through x_k only (block k+1's parameters get grad l_{k+1} alone)."""
-    us, outs, losses, h = [], [], [], x
-    for block in blocks:
-        u = h.detach().requires_grad_(True)
-        out = block.module(u)
-        us.append(u)
-        outs.append(out)
-        losses.append(F.cross_entropy(block.head(out), y))
-        h = out.detach()
+    us, outs, losses = _chain(blocks, x, y)
     grads = []
     for k, block in enumerate(blocks):
         params = [p for p in block.parameters() if p.requires_grad]

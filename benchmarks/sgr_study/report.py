@@ -92,7 +92,7 @@ def write(out: Path, results: dict, profile, meta: dict) -> None:
                                   "bp": [bm, bs], "val": vm, "gap_closed": gap,
                                   "beyond_noise": None if None in (tm, lm) else (tm - lm) > max(ts, ls)})
     lines += [f"## Selected settings on the test split ({len(seeds)} seeds, mean ± std, %)", "",
-              "| arch | K | global BP | plain local | SGR setting (chosen on validation) | SGR | gap closed |",
+              "| arch | K | global BP | plain local | reconciliation setting (chosen on validation) | with it | gap closed |",
               "|---|---|---|---|---|---|---|"]
     for c in confirmed:
         gap = "-" if c["gap_closed"] is None else f"{100 * c['gap_closed']:.0f} %"
@@ -104,7 +104,7 @@ def write(out: Path, results: dict, profile, meta: dict) -> None:
               + (", ".join(f"{s['family']} {100 * s['mean_val_gain']:+.2f} pt ({s['cells']} cells)" for s in default["scores"])
                  or "none yet") + ".", "",
               "## Every run at seed 0 (screen; validation decides, test shown for completeness)", "",
-              "| arch | K | setting | val % | Δval vs local | test % | mean cos(A_k, D_k-1) | penalty share (last epoch / epoch 2) | minutes |",
+              "| arch | K | setting | val % | Δval vs local | test % | mean cos(A_k, D_k-1) | share of the update (last epoch / epoch 2) | minutes |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in screen_rows:
         if r["failed"]:
@@ -135,6 +135,7 @@ def _plots(out: Path, rows: list, profile) -> None:
     if not archs:
         return
     fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4.2), squeeze=False)
+    colors: dict = {}  # one colour per setting family across the panels
     for ax, arch in zip(axes[0], archs):
         rs = [r for r in rows if r["arch"] == arch and r["K"] == K0 and not r["failed"]]
         groups = defaultdict(list)
@@ -145,7 +146,8 @@ def _plots(out: Path, rows: list, profile) -> None:
                 groups[f"{v['distance']} {v['mode']}{' ' + v['sched'] if v['sched'] else ''}{side}"].append((v["lam"], r["val"]))
         for label, pts in sorted(groups.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label)
+            color = colors.setdefault(label, plt.cm.tab10(len(colors) % 10))
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label, color=color)
         for fam, style in (("local", "k--"), ("bp", "k:")):
             for r in rs:
                 if r["family"] == fam:
