@@ -66,6 +66,9 @@ CPU_CONFIGS = {
 }
 METHODS = ("global_bp", "naive_local", "naive_sgr_db", "local", "exact", "fast", "local_nooverlap", "exact_nooverlap")
 LAM = 0.1
+# DESIGN.md's targets: ratio -> upper bound
+TARGETS = {"exact/local time": 2.0, "exact/local mem": 1.5, "fast/local time": 1.3, "fast/local mem": 1.2,
+           "local/global time (b1024)": 1.1, "local/global time (b128)": 1.5, "sgr/global mem": 0.4}
 
 
 # --------------------------------------------------------------------------- methods
@@ -205,26 +208,39 @@ def build(cfg: dict, device: torch.device, channels_last: bool, seed: int = 0):
 # --------------------------------------------------------------------------- gradient check
 
 
-def gradient_check(device: torch.device, quick: bool) -> dict:
-    """Relative gradient error of every mode against mode="double_backward" (fp32, TF32 off)."""
-    cfg = dict(depth=8, K=3, batch=8, image=16) if quick else dict(depth=32, K=16, batch=64, image=32)
+def gradient_check(device: torch.device, quick: bool, *, cfg: Optional[dict] = None,
+                   amp: Optional[torch.dtype] = None, reference_dtype: torch.dtype = torch.float32) -> dict:
+    """Relative gradient error of every mode against mode="double_backward" (TF32 off).
+
+    cfg: the model config (default: ResNet-32 K=16 batch 64, or ResNet-8 K=3 batch 8 when
+    ``quick``). amp: autocast dtype of the modes under test (None: fp32).
+    reference_dtype: dtype of the double-backward reference (float64 also records the
+    error of double backward itself at the tested precision, the floor for the others).
+    """
+    cfg = cfg or (dict(depth=8, K=3, batch=8, image=16) if quick else dict(depth=32, K=16, batch=64, image=32))
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    out = {"config": cfg, "lam": 1.0, "note": "||g - g_ref|| / ||g_ref|| over all parameters; fp32, TF32 off"}
+    out = {"config": cfg, "lam": 1.0, "amp": str(amp) if amp else None, "reference": str(reference_dtype),
+           "note": "||g - g_ref|| / ||g_ref|| over all parameters; TF32 off"}
     try:
         model, blocks, x, y = build(cfg, device, channels_last=False, seed=1)
 
-        def grads(mode, lam, overlap="auto"):
+        def grads(mode, lam, overlap="auto", dtype=None, autocast=amp):
             bl = copy.deepcopy(blocks)
+            xs = x
+            if dtype is not None:
+                bl, xs = [b.to(dtype) for b in bl], x.to(dtype)
             net = sgr_ext.LocalNet(bl, lam=lam, mode=mode, overlap=overlap)
-            net.train_step(x, y)
-            return torch.cat([p.grad.flatten() for b in bl for p in b.parameters() if p.grad is not None])
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                net.train_step(xs, y)
+            return torch.cat([p.grad.double().flatten() for b in bl for p in b.parameters() if p.grad is not None])
 
-        ref = grads("double_backward", 1.0)
-        ref0 = grads("double_backward", 0.0)
+        ref = grads("double_backward", 1.0, dtype=reference_dtype, autocast=None)
+        ref0 = grads("double_backward", 0.0, dtype=reference_dtype, autocast=None)
         pen = (ref - ref0).norm()
-        for mode in ("exact", "fast"):
+        modes = ("exact", "fast") + (("double_backward",) if reference_dtype != torch.float32 or amp else ())
+        for mode in modes:
             g = grads(mode, 1.0)
             out[f"{mode}_rel_err"] = float((g - ref).norm() / ref.norm())
             out[f"{mode}_penalty_part_rel_err"] = float((g - ref).norm() / pen)
@@ -410,8 +426,7 @@ def main(argv=None) -> dict:
                      "channels_last": bool(args.channels_last), "step": "zero_grad + forward + backward, no optimizer step"},
         "rows": rows,
         "ratios": rat,
-        "targets": {"exact/local time": 2.0, "exact/local mem": 1.5, "fast/local time": 1.3, "fast/local mem": 1.2,
-                    "local/global time (b1024)": 1.1, "local/global time (b128)": 1.5, "sgr/global mem": 0.4},
+        "targets": TARGETS,
         "gradient_check": grad_check,
         "elapsed_s": time.time() - t_start,
     }

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_util import time_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE = -100
@@ -174,22 +175,6 @@ def rel(a: torch.Tensor, r: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------ measuring
 
 
-def _timings(step, rep_ms: int) -> dict:
-    if DEVICE != "cuda":  # smoke run: wall clock
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        return {"median_ms": times[1], "p10_ms": times[0], "p90_ms": times[2]}
-    from triton.testing import do_bench
-
-    out = {"median_ms": do_bench(step, warmup=max(25, rep_ms // 8), rep=rep_ms, return_mode="median")}
-    out["p10_ms"], out["p90_ms"] = do_bench(step, warmup=5, rep=max(50, rep_ms // 2), quantiles=[0.1, 0.9])
-    return out
-
-
 def measure(fn, x, w, t, ref, rep_ms: int) -> dict:
     def step():
         loss = fn(x, w, t)
@@ -216,7 +201,7 @@ def measure(fn, x, w, t, ref, rep_ms: int) -> dict:
         out["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
         out["peak_mib"] = float("nan")
-    out.update(_timings(step, rep_ms))
+    out.update(time_ms(step, rep_ms, torch.device(DEVICE)))
     return out
 
 

@@ -37,6 +37,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from bench_util import sync, time_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -63,22 +64,16 @@ def make_fns(impl: str, distance: str):
     return torch.compile(lambda a, d: reconcile(a, d, distance=distance, impl=inner), dynamic=False, fullgraph=True)
 
 
-def bench(fn, rep: int) -> dict:
-    from triton.testing import do_bench
-
-    median = do_bench(fn, warmup=25, rep=rep, return_mode="median")
-    p10, p90 = do_bench(fn, warmup=5, rep=rep, quantiles=[0.1, 0.9])
-    return {"median_ms": median, "p10_ms": p10, "p90_ms": p90}
+def bench(fn, rep: int, device=None) -> dict:
+    return time_ms(fn, rep, device if device is not None else torch.device("cuda"))
 
 
-def copy_bandwidth(rep: int) -> float:
-    """Bytes per second of a device-to-device copy (read + write counted)."""
-    from triton.testing import do_bench
-
-    n = 128 * 2**20  # 128 Mi float32 = 512 MiB
-    x = torch.empty(n, dtype=torch.float32, device="cuda").normal_()
+def copy_bandwidth(rep: int, device="cuda", n: int = 128 * 2**20) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted) of n float32
+    (default 128 Mi = 512 MiB, far beyond L2)."""
+    x = torch.empty(n, dtype=torch.float32, device=device).normal_()
     y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x), warmup=25, rep=rep, return_mode="median")
+    ms = time_ms(lambda: y.copy_(x), rep, torch.device(device))["median_ms"]
     del x, y
     return 2 * n * 4 / (ms * 1e-3)
 
@@ -101,6 +96,28 @@ def reference(a: torch.Tensor, d: torch.Tensor, distance: str, eps: float = 1e-8
     return loss.detach(), g.reshape(a.shape)
 
 
+def setup_config(cfg: dict, bw: float, device: torch.device):
+    """Inputs of one config (cfg: "shape", "dtype", "distance"), its floors at copy
+    bandwidth ``bw`` (bytes/s) and Triton tiling written into cfg; -> (a, d, ref_loss, ref_grad)."""
+    from sgr_ext.kernels import reconcile as K
+
+    shape, dtype = parse_shape(cfg["shape"]), DTYPES[cfg["dtype"]]
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(shape, device=device, generator=gen).to(dtype)
+    d = torch.randn(shape, device=device, generator=gen)
+    if cfg["distance"] == "cosine":
+        d = 0.6 * a.float() + 0.8 * d  # partly aligned, like A_k and D_{k-1}
+    d = d.to(dtype)
+    nbytes = a.numel() * a.element_size()
+    cfg["bytes_a"] = nbytes
+    cfg["floor_read_once_ms"] = 2 * nbytes / bw * 1e3
+    cfg["floor_two_pass_ms"] = 5 * nbytes / bw * 1e3
+    t = K.default_config(shape[0], a[0].numel(), a.element_size(), a.device)
+    cfg["triton_tiling"] = dict(rows=t.rows, block=t.block, chunk=t.chunk, num_warps=t.num_warps)
+    ref_loss, ref_grad = reference(a, d, cfg["distance"])
+    return a, d, ref_loss, ref_grad
+
+
 def measure_impl(impl, distance, a, d, rep, ref_loss, ref_grad) -> dict:
     fn = make_fns(impl, distance)
     x = a.detach().clone().requires_grad_()
@@ -117,17 +134,18 @@ def measure_impl(impl, distance, a, d, rep, ref_loss, ref_grad) -> dict:
     for _ in range(3):  # compile / autotune / caches outside the timings
         fwd()
         fwd_bwd()
-    torch.cuda.synchronize()
-    row["fwd"] = bench(fwd, rep)
-    row["fwd_bwd"] = bench(fwd_bwd, rep)
+    sync(a.device)
+    row["fwd"] = bench(fwd, rep, a.device)
+    row["fwd_bwd"] = bench(fwd_bwd, rep, a.device)
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
+    sync(a.device)
+    if a.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     loss = fn(x, d)
     (grad,) = torch.autograd.grad(loss, x)
-    torch.cuda.synchronize()
-    row["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    sync(a.device)
+    row["peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20 if a.is_cuda else float("nan")
     row["loss_rel_err"] = rel_err(loss.detach(), ref_loss)
     row["grad_rel_err"] = rel_err(grad, ref_grad)
     row["loss_dtype"] = str(loss.dtype)
@@ -277,26 +295,11 @@ def main(argv=None) -> int:
     for shape_s in args.shapes:
         shape = parse_shape(shape_s)
         for dt in args.dtypes:
-            dtype = DTYPES[dt]
             for distance in args.distances:
                 cfg = {"shape": shape_s, "B": shape[0], "dtype": dt, "distance": distance, "impls": []}
                 report["results"].append(cfg)
                 try:
-                    gen = torch.Generator(device="cuda").manual_seed(0)
-                    a = torch.randn(shape, device="cuda", generator=gen).to(dtype)
-                    d = torch.randn(shape, device="cuda", generator=gen)
-                    if distance == "cosine":
-                        d = 0.6 * a.float() + 0.8 * d  # partly aligned, like A_k and D_{k-1}
-                    d = d.to(dtype)
-                    nbytes = a.numel() * a.element_size()
-                    cfg["bytes_a"] = nbytes
-                    cfg["floor_read_once_ms"] = 2 * nbytes / bw * 1e3
-                    cfg["floor_two_pass_ms"] = 5 * nbytes / bw * 1e3
-                    from sgr_ext.kernels import reconcile as K
-
-                    t = K.default_config(shape[0], a[0].numel(), a.element_size(), a.device)
-                    cfg["triton_tiling"] = dict(rows=t.rows, block=t.block, chunk=t.chunk, num_warps=t.num_warps)
-                    ref_loss, ref_grad = reference(a, d, distance)
+                    a, d, ref_loss, ref_grad = setup_config(cfg, bw, torch.device("cuda"))
                 except Exception as exc:  # noqa: BLE001
                     traceback.print_exc()
                     cfg["error"] = repr(exc)[:500]

@@ -48,6 +48,10 @@ COMMAND = "compute-sanitizer --tool memcheck python benchmarks/sanitize_kernels.
 ROOT = Path(__file__).resolve().parents[1]
 
 
+TOL = {"fp16": 1e-2, "bf16": 5e-2, "fp32": 1e-4, "fp64": 1e-9}
+DTYPE_NAMES = ("fp16", "bf16", "fp32", "fp64")
+
+
 def _parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--interpret", action="store_true", help="no GPU: run small shapes in the Triton interpreter")
@@ -56,65 +60,55 @@ def _parse():
     return p.parse_args()
 
 
-def main() -> int:
-    args = _parse()
-    if args.interpret:
-        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined
+def _dtype(name: str):
     import torch
 
-    if not torch.cuda.is_available() and not args.interpret:
-        print("sanitize_kernels: no CUDA device; run on a GPU machine (or --interpret to check the script)",
-              file=sys.stderr)
-        return 2
-    import triton
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[name]
 
-    import sgr_ext.ops.linear_ce as lce
-    from sgr_ext.kernels import linear_ce as lce_kernels
-    from sgr_ext.ops.linear_ce import linear_cross_entropy
+
+def dtype_of(case_name: str) -> str:
+    """The dtype tag ("fp32", ...) a case name carries."""
+    return next(k for k in TOL if f"-{k}" in case_name)
+
+
+def rel(got, want) -> float:
+    """max |got - want| / max |want| in float64 (the absolute error where want is all zero)."""
+    got, want = got.detach().double(), want.detach().double()
+    den = float(want.abs().max())
+    return float((got - want).abs().max()) / den if den > 0 else float((got - want).abs().max())
+
+
+def run_case(name: str, fn, dev) -> dict:
+    """Run one case: {"name", "max_rel_err", "tol", "ok"} or {"name", "ok": False, "error", "traceback"}."""
+    import torch
+
+    rec = {"name": name}
+    try:
+        err = fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        rec["max_rel_err"] = err
+        rec["ok"] = bool(err <= rec.setdefault("tol", TOL[dtype_of(name)]))
+    except Exception as exc:  # record and go on
+        rec["ok"] = False
+        rec["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        rec["traceback"] = traceback.format_exc(limit=3)
+    return rec
+
+
+def reconcile_cases(dev, small: bool, impl="triton", dtypes=DTYPE_NAMES) -> list:
+    """(name, fn) pairs: ``reconcile(impl=impl)`` value, gradient and Hessian-vector product
+    against float64 on odd shapes, both distances, contiguous and strided; fn() -> max rel err."""
+    import torch
+
     from sgr_ext.ops.reconcile import reconcile
     from sgr_ext.reference import reconcile_torch
 
-    dev = torch.device("cpu" if args.interpret else "cuda")
-    small = args.interpret
-    torch.manual_seed(0)
-    cases: list[dict] = []
-
-    def run(name: str, fn) -> None:
-        if args.only and not re.search(args.only, name):
-            return
-        rec = {"name": name}
-        try:
-            err = fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            rec["max_rel_err"] = err
-            rec["ok"] = bool(err <= rec.setdefault("tol", TOL[_dtype_of(name)]))
-        except Exception as exc:  # record and go on
-            rec["ok"] = False
-            rec["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            rec["traceback"] = traceback.format_exc(limit=3)
-        cases.append(rec)
-        print(f"{'ok  ' if rec['ok'] else 'FAIL'} {name}" + (f"  rel err {rec.get('max_rel_err'):.2e}"
-                                                             if "max_rel_err" in rec else f"  {rec.get('error')}"),
-              flush=True)
-
-    def rel(got, want) -> float:
-        got, want = got.detach().double(), want.detach().double()
-        den = float(want.abs().max())
-        return float((got - want).abs().max()) / den if den > 0 else float((got - want).abs().max())
-
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
-    TOL = {"fp16": 1e-2, "bf16": 5e-2, "fp32": 1e-4, "fp64": 1e-9}
-
-    def _dtype_of(name: str) -> str:
-        return next(k for k in TOL if f"-{k}" in name)
-
-    # ------------------------------------------------------------------ reconcile
     rec_shapes = [(1, 1), (3, 5), (7, 127), (2, 3, 7, 11), (17, 33), (5, 2049), (3, 4097), (1030, 3)]
     if not small:
         rec_shapes += [(1, 65537), (2, 131075), (4099, 257), (128, 16, 17, 19)]
 
-    def reconcile_case(shape, dtype, distance, transpose):
+    def case(shape, dtype, distance, transpose):
         def fn():
             a = torch.randn(*shape, dtype=torch.float64, device=dev)
             d = torch.randn(*shape, dtype=torch.float64, device=dev)
@@ -122,7 +116,7 @@ def main() -> int:
                 a, d = a.transpose(0, -1).contiguous().transpose(0, -1), d.transpose(0, -1).contiguous().transpose(0, -1)
             a, d = a.to(dtype), d.to(dtype)
             leaf = a.clone().requires_grad_(True)
-            out = reconcile(leaf, d, distance=distance, impl="triton")
+            out = reconcile(leaf, d, distance=distance, impl=impl)
             (g,) = torch.autograd.grad(out, leaf, create_graph=True)
             v = torch.randn_like(leaf)
             (h,) = torch.autograd.grad((g * v).sum(), leaf)
@@ -133,37 +127,51 @@ def main() -> int:
             return max(rel(out, ref), rel(g, rg), rel(h, rh))
         return fn
 
+    out = []
     for shape in rec_shapes:
-        for dname, dtype in dtypes.items():
+        for dname in dtypes:
             for distance in ("l2", "cosine"):
                 if distance == "cosine" and math.prod(shape[1:]) == 1:
                     continue  # one feature: the cosine gradient is 0 up to rounding noise
                 for transpose in (False, True) if len(shape) > 1 and shape[-1] > 1 else (False,):
                     tag = "x".join(map(str, shape)) + ("-strided" if transpose else "")
-                    run(f"reconcile-{distance}-{tag}-{dname}", reconcile_case(shape, dtype, distance, transpose))
+                    out.append((f"reconcile-{distance}-{tag}-{dname}", case(shape, _dtype(dname), distance, transpose)))
+    return out
 
-    # ------------------------------------------------------------------ linear cross-entropy
+
+class _Patched:
+    """Temporarily set module attributes (forced small chunks / loop blocks)."""
+
+    def __init__(self, *triples):
+        self.triples = triples
+
+    def __enter__(self):
+        self.saved = [(m, k, getattr(m, k)) for m, k, _ in self.triples]
+        for m, k, v in self.triples:
+            setattr(m, k, v)
+
+    def __exit__(self, *exc):
+        for m, k, v in self.saved:
+            setattr(m, k, v)
+        return False
+
+
+def linear_ce_cases(dev, small: bool, impl="triton", dtypes=DTYPE_NAMES) -> list:
+    """(name, fn) pairs: ``linear_cross_entropy(impl=impl)`` loss, first and second derivatives
+    against float64: odd shapes, bias or not, every reduction, ignored rows, forced chunking
+    (which only the fused paths have); plus an out-of-range target that must be rejected."""
+    import torch
+
+    from sgr_ext.kernels import linear_ce as lce_kernels
+    from sgr_ext.ops import _linear_ce_double_backward as lce_double  # the tuning knobs live where they are used
+    from sgr_ext.ops import _linear_ce_fused as lce_fused
+    from sgr_ext.ops.linear_ce import linear_cross_entropy
+
     lce_shapes = [(1, 1, 1), (3, 5, 7), (37, 19, 1001), (130, 33, 517)]
     if not small:
         lce_shapes += [(257, 64, 5003), (33, 48, 40001), (1031, 129, 32769)]
 
-    class patched:
-        """Temporarily set module attributes (forced small chunks / loop blocks)."""
-
-        def __init__(self, *triples):
-            self.triples = triples
-
-        def __enter__(self):
-            self.saved = [(m, k, getattr(m, k)) for m, k, _ in self.triples]
-            for m, k, v in self.triples:
-                setattr(m, k, v)
-
-        def __exit__(self, *exc):
-            for m, k, v in self.saved:
-                setattr(m, k, v)
-            return False
-
-    def lce_case(n, h, v, dtype, bias, reduction, ignore, force):
+    def case(n, h, v, dtype, bias, reduction, ignore, force):
         def fn():
             x = (torch.randn(n, h, dtype=torch.float64, device=dev)).to(dtype).requires_grad_(True)
             w = (torch.randn(v, h, dtype=torch.float64, device=dev) / h ** 0.5).to(dtype).requires_grad_(True)
@@ -175,10 +183,10 @@ def main() -> int:
                 t[: min(n, 4)] = -100
             patches = []
             if force:
-                patches = [(lce, "chunk_rows", lambda n_, h_, v_: 4), (lce_kernels, "MAX_SINGLE_BLOCK", 64),
-                           (lce_kernels, "LOOP_BLOCK", 64), (lce, "DOUBLE_BACKWARD_CHUNK_BYTES", 3 * 2 * v * 8)]
-            with patched(*patches):
-                out = linear_cross_entropy(x, w, t, bias=b, reduction=reduction, impl="triton")
+                patches = [(lce_fused, "chunk_rows", lambda n_, h_, v_: 4), (lce_kernels, "MAX_SINGLE_BLOCK", 64),
+                           (lce_kernels, "LOOP_BLOCK", 64), (lce_double, "DOUBLE_BACKWARD_CHUNK_BYTES", 3 * 2 * v * 8)]
+            with _Patched(*patches):
+                out = linear_cross_entropy(x, w, t, bias=b, reduction=reduction, impl=impl)
                 go = torch.randn_like(out) if reduction == "none" else torch.tensor(1.7, dtype=out.dtype, device=dev)
                 inputs = [x, w] + ([b] if bias else [])
                 grads = torch.autograd.grad(out, inputs, go, create_graph=True)
@@ -197,27 +205,55 @@ def main() -> int:
             return max(errs)
         return fn
 
+    out = []
     for n, h, v in lce_shapes:
-        for dname, dtype in dtypes.items():
+        for dname in dtypes:
             for bias in (True, False):
                 for reduction in ("mean", "sum", "none"):
                     ignore = "some" if reduction != "sum" else "first-chunk"
-                    force = n > 8 and bias  # forced chunking on half of the bigger cases
+                    force = n > 8 and bias and impl != "torch"  # forced chunking on half of the bigger cases
                     name = f"linear_ce-{n}x{h}x{v}-{'bias' if bias else 'nobias'}-{reduction}-{ignore}" \
                            f"{'-chunked' if force else ''}-{dname}"
-                    run(name, lce_case(n, h, v, dtype, bias, reduction, ignore, force))
+                    out.append((name, case(n, h, v, _dtype(dname), bias, reduction, ignore, force)))
 
     def bad_target():
         x = torch.randn(5, 3, device=dev)
         w = torch.randn(7, 3, device=dev)
         t = torch.tensor([0, 1, 7, 2, 3], device=dev)
         try:
-            linear_cross_entropy(x, w, t, impl="triton")
+            linear_cross_entropy(x, w, t, impl=impl)
         except ValueError:
             return 0.0  # rejected before any kernel reads logits[7]
         raise AssertionError("an out-of-range target was not rejected")
 
-    run("linear_ce-out-of-range-target-fp32", bad_target)
+    out.append(("linear_ce-out-of-range-target-fp32", bad_target))
+    return out
+
+
+def main() -> int:
+    args = _parse()
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is defined
+    import torch
+
+    if not torch.cuda.is_available() and not args.interpret:
+        print("sanitize_kernels: no CUDA device; run on a GPU machine (or --interpret to check the script)",
+              file=sys.stderr)
+        return 2
+    import triton
+
+    dev = torch.device("cpu" if args.interpret else "cuda")
+    small = args.interpret
+    torch.manual_seed(0)
+    cases: list[dict] = []
+    for name, fn in reconcile_cases(dev, small) + linear_ce_cases(dev, small):
+        if args.only and not re.search(args.only, name):
+            continue
+        rec = run_case(name, fn, dev)
+        cases.append(rec)
+        print(f"{'ok  ' if rec['ok'] else 'FAIL'} {name}" + (f"  rel err {rec.get('max_rel_err'):.2e}"
+                                                             if "max_rel_err" in rec else f"  {rec.get('error')}"),
+              flush=True)
 
     # ------------------------------------------------------------------ record
     failed = [c["name"] for c in cases if not c["ok"]]

@@ -109,6 +109,11 @@ def labels(name: str, y, batch_size: int, num_classes: int | None = None) -> tor
         raise ValueError(f"{name}: expected shape ({batch_size},) to match the batch, got {tuple(y.shape)}")
     if num_classes is not None and y.numel():
         lo, hi = torch.stack(torch.aminmax(y)).tolist()  # one host sync
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(f"{name}: expected class indices in [0, {num_classes}), got values in [{lo}, {hi}]")
+        label_range(name, num_classes, lo, hi)
     return y
+
+
+def label_range(name: str, num_classes: int, lo: int, hi: int) -> None:
+    """Class labels whose smallest is ``lo`` and largest ``hi`` must lie in [0, num_classes)."""
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"{name}: expected class indices in [0, {num_classes}), got values in [{lo}, {hi}]")

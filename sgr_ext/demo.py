@@ -53,6 +53,7 @@ def method_config(method: str, args) -> TrainConfig:
         device=args.device,
         checkpoint=False,
         plots=False,
+        peak_memory=True,  # the demo's table compares the methods' memory
     )
 
 

@@ -116,9 +116,12 @@ class LocalNet(nn.Module):
             Under every policy no NaN/Inf is left in any ``p.grad``: the affected blocks'
             gradients (and BatchNorm running statistics) are restored to their values
             before the step.
-        overlap: ``"auto"`` (default), True or False: on CUDA, run consecutive blocks on two
-            streams so that block k+1's forward overlaps block k's remaining backward
-            (``sgr_ext.engine.pipeline``); same gradients; no effect on CPU.
+        overlap: False (default), True or ``"auto"`` (the same as True): on CUDA, run
+            consecutive blocks on two side streams so that block k+1's forward overlaps block
+            k's remaining backward (``sgr_ext.engine.pipeline``); same gradients; no effect on
+            CPU. Off by default: the caching allocator does not reuse memory across streams,
+            so ``max_memory_reserved`` may double, and no GPU has yet shown the time it saves
+            (``benchmarks/gpu_check.py`` measures both, on and off).
     """
 
     def __init__(
@@ -135,7 +138,7 @@ class LocalNet(nn.Module):
         num_tangents: int = 1,
         fg_per_sample: bool = True,
         nonfinite: str = "raise",
-        overlap="auto",
+        overlap=False,
         lam_mode: Optional[str] = None,
         track_share: bool = False,
         side: Optional[str] = None,
@@ -235,8 +238,9 @@ class LocalNet(nn.Module):
         NaN/Inf in x or in a block's loss, penalty, D_k or parameter gradient is handled by
         the ``nonfinite`` policy (see the class docstring): ``"raise"`` raises
         ``NonFiniteError`` naming the first such block, after every block has run and every
-        ``p.grad`` was restored. Detection costs one host sync per step (all statistics
-        and flags are read back together).
+        ``p.grad`` was restored. Detection costs one host sync per step, the step's only one:
+        all statistics, flags and the labels' range are read back together; an out-of-range
+        label raises ``ValueError`` there, with every ``p.grad`` restored.
         """
         self._check_step_input(x, y)
         if on_block_end is not None and not callable(on_block_end):
@@ -247,7 +251,7 @@ class LocalNet(nn.Module):
         needs_d = self.config.lam > 0 or self.config.track_alignment
         guard = _StepGuard(self.blocks, x)
         if self.config.loss_fn is F.cross_entropy:
-            self._check_label_range(x, y)
+            y = self._watch_label_range(x, y, guard)
         if self.side != "input" and self.config.lam > 0:
             return self._collect(self._output_side_blocks(x, y, engine, guard, on_block_end), guard)
         results = []
@@ -266,6 +270,18 @@ class LocalNet(nn.Module):
             del r
         pipe.finish()
         return self._collect(results, guard)
+
+    def _watch_label_range(self, x: torch.Tensor, y: torch.Tensor, guard: "_StepGuard") -> torch.Tensor:
+        """The label-range check without a host sync of its own: y's min and max travel to the
+        host with the step's statistics (``_StepGuard.read``), where an out-of-range label
+        raises after every p.grad was restored. Until then the blocks see y clamped into
+        range, so that no kernel indexes out of bounds (on CUDA: a device-side assert)."""
+        counts = self._head_classes(x)
+        if not counts:
+            return y
+        guard.num_classes = min(counts.values())
+        guard.label_bounds = torch.aminmax(y)
+        return y.clamp(0, guard.num_classes - 1)
 
     def _output_side_blocks(self, x, y, engine, guard: "_StepGuard", on_block_end) -> list:
         """The step loop for ``side="output"``: block k runs as plain local learning (keeping
@@ -336,7 +352,10 @@ class LocalNet(nn.Module):
 
     def _collect(self, results, guard: "_StepGuard") -> StepStats:
         stats = StepStats()
-        values, bad = guard.read(results)  # the step's one host sync
+        values, bad, labels = guard.read(results)  # the step's one host sync
+        if labels is not None and (labels[0] < 0 or labels[1] >= guard.num_classes):
+            guard.restore(range(len(results)))
+            _checks.label_range("y", guard.num_classes, *labels)
         for k, row in enumerate(values):
             stats.losses.append(row[0])
             stats.penalties.append(row[1])

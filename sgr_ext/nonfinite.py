@@ -50,8 +50,8 @@ class StepGuard:
     of the running statistics of train-mode normalisation layers. Per block, flags (device
     tensors, no sync) for a non-finite loss, penalty, D_k and parameter gradient (the gradient flag
     is the sum of per-tensor L1 norms of the block's ``p.grad``, in float64, after the block's
-    step: non-finite exactly when some entry is). ``read`` brings statistics and flags to the
-    host in one transfer; ``restore(blocks)`` puts those blocks' saved state back.
+    step: non-finite exactly when some entry is). ``read`` brings statistics, flags and (when
+    ``label_bounds`` is set) the labels' range to the host in one transfer; ``restore(blocks)`` puts those blocks' saved state back.
     """
 
     def __init__(self, blocks, x: torch.Tensor):
@@ -72,6 +72,8 @@ class StepGuard:
         self.input_bad = (~torch.isfinite(x).all()) if (x.is_floating_point() or x.is_complex()) else None
         self.grad_bad: list[Optional[torch.Tensor]] = []
         self.d_bad: list[Optional[torch.Tensor]] = []
+        self.num_classes: Optional[int] = None
+        self.label_bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (min, max) of y, on the device
 
     def check_block(self, k: int, r) -> None:
         self.d_bad.append(None if r.output_grad is None else ~torch.isfinite(r.output_grad).all())
@@ -84,9 +86,10 @@ class StepGuard:
         total = torch.stack([n.to(norms[0].device) for n in norms]).sum()
         self.grad_bad.append(~torch.isfinite(total))
 
-    def read(self, results) -> tuple[list[list[Optional[float]]], dict[int, list[str]]]:
-        """Per block [loss, penalty, accuracy, cosine, norm_ratio, share] (None where absent) and
-        {block: [what, ...]} for the non-finite ones; one device-to-host transfer."""
+    def read(self, results) -> tuple[list[list[Optional[float]]], dict[int, list[str]], Optional[tuple[int, int]]]:
+        """Per block [loss, penalty, accuracy, cosine, norm_ratio, share] (None where absent),
+        {block: [what, ...]} for the non-finite ones and (min, max) of the labels when
+        ``label_bounds`` was set; one device-to-host transfer."""
         dt = _host_dtype(self.device)
         vals, slots = [], []  # slots: per block, the index in vals of each statistic (None: absent)
 
@@ -106,6 +109,7 @@ class StepGuard:
                 put(self.grad_bad[k]),
             ]
             slots.append((stat, flags))
+        label_slots = [put(t) for t in self.label_bounds] if self.label_bounds is not None else None
         host = torch.stack(vals).tolist() if vals else []
         values, bad = [], {}
         for k, (stat, flags) in enumerate(slots):
@@ -113,7 +117,8 @@ class StepGuard:
             what = [w for w, i in zip(_WHAT, flags) if i is not None and host[i]]
             if what:
                 bad[k] = what
-        return values, bad
+        labels = None if label_slots is None else (int(host[label_slots[0]]), int(host[label_slots[1]]))
+        return values, bad, labels
 
     @torch.no_grad()
     def restore(self, blocks) -> None:

@@ -349,13 +349,14 @@ def test_dual_bn_relu_conv_gradcheck():
     assert torch.autograd.gradcheck(fn, (z, g, b, w))
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "2d", "3d"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "hw_swapped", "2d", "3d"])
 @pytest.mark.parametrize("relu", [False, True])
 def test_dual_batchnorm_triton_kernels_match_float64(layout, relu):
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    shape = {"nchw": (10, 5, 3, 4), "channels_last": (10, 5, 3, 4), "2d": (14, 7), "3d": (6, 3, 9)}[layout]
+    shape = {"nchw": (10, 5, 3, 4), "channels_last": (10, 5, 3, 4), "hw_swapped": (10, 5, 3, 4), "2d": (14, 7),
+             "3d": (6, 3, 9)}[layout]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     z64 = (torch.randn(*shape, dtype=torch.float64) * 2 + 0.7).to(dev)
     w64, b64 = torch.randn(shape[1], dtype=torch.float64).to(dev), torch.randn(shape[1], dtype=torch.float64).to(dev)
@@ -367,6 +368,8 @@ def test_dual_batchnorm_triton_kernels_match_float64(layout, relu):
             z = z64.detach().clone().to(dtype)
             if layout == "channels_last":
                 z = z.contiguous(memory_format=torch.channels_last)
+            elif layout == "hw_swapped":  # dense, neither layout: the spatial dims do not flatten into a view
+                z = z.transpose(2, 3).contiguous().transpose(2, 3)
             z.requires_grad_()
             acc = torch.float64 if dtype == torch.float64 else torch.float32
             w, b = w64.to(acc).clone().requires_grad_(), b64.to(acc).clone().requires_grad_()
@@ -494,6 +497,13 @@ def test_overlap_option_is_a_noop_on_cpu():
         sgr_ext.LocalNet(blocks, lam=0.1, overlap="yes")
 
 
+def test_overlap_is_off_by_default_and_auto_still_accepted():
+    # two side streams may double max_memory_reserved: on only when asked (gpu_check.py measures it)
+    blocks, _ = resnet_blocks()
+    assert sgr_ext.LocalNet(blocks, lam=0.1).overlap is False
+    assert sgr_ext.LocalNet(blocks, lam=0.1, overlap="auto").overlap == "auto"
+
+
 def test_tangent_scale_is_a_power_of_two_and_safe():
     u = torch.randn(4, 3)
     for w in (torch.randn(4, 3) * 1e-20, torch.zeros(4, 3), torch.randn(4, 3) * 1e20):
@@ -529,3 +539,16 @@ def test_benchmark_quick_cpu_smoke(tmp_path):
     assert result["gradient_check"]["fast_penalty_part_rel_err"] < finite_diff.ERROR_BOUND[torch.float32]
     assert (tmp_path / "train_step_cpu_quick.json").exists()
     assert (tmp_path / "train_step_cpu_quick.png").exists()
+
+
+def test_exact_overhead_quick_cpu_smoke(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import exact_overhead
+    finally:
+        sys.path.pop(0)
+    rec = exact_overhead.main(["--quick", "--iters", "1", "--out", str(tmp_path)])
+    ops = {m: r["aten_ops"] for m, r in rec["results"].items()}
+    assert ops["exact"] > ops["local"] > 0 and rec["ratios"]["ops"] == ops["exact"] / ops["local"]
+    assert all(r["median_ms"] > 0 for r in rec["results"].values())
+    assert "| aten ops |" in (tmp_path / "exact_overhead_cpu_quick.md").read_text()

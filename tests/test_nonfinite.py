@@ -324,18 +324,37 @@ class _CountSyncs(TorchFunctionMode):
 
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_detection_costs_one_host_sync(engine):
-    """Statistics and non-finite flags of all blocks come back in one transfer; with the default
-    cross-entropy the label range check adds one more (it must run before any kernel)."""
+    """Statistics, non-finite flags of all blocks and, with the default cross-entropy, the labels'
+    range come back in one transfer: the step's only host sync."""
     blocks = make_blocks()
     ce = LocalNet(copy.deepcopy(blocks), lam=0.5, nonfinite="warn", **ENGINES[engine])
     custom = LocalNet(copy.deepcopy(blocks), lam=0.5, nonfinite="warn", **ENGINES[engine],
                       loss_fn=lambda out, y: nn.functional.mse_loss(out, nn.functional.one_hot(y, CLASSES).to(out.dtype)))
     x, y = batch()
-    for net, expected in ((custom, 1), (ce, 2)):
+    for net in (custom, ce):
         net.train_step(x, y)  # warm-up (lazy initialisation)
         with _CountSyncs() as counter:
             net.train_step(x, y)
-        assert sum(counter.calls.values()) == expected, counter.calls
+        assert sum(counter.calls.values()) == 1, counter.calls
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("bad", [CLASSES, -1, -100])
+def test_out_of_range_label_raises_at_the_read_and_leaves_state_as_before(engine, bad):
+    """The label check runs with the step's one read, after the blocks: the blocks see labels
+    clamped into range (no kernel may index out of bounds), then every p.grad and BatchNorm
+    statistic is put back and the ValueError names y and the range."""
+    net = LocalNet(make_blocks(), lam=0.5, **ENGINES[engine])
+    x, y = batch()
+    net.train_step(x, y)  # p.grad present: the restore must copy them back, not set None
+    grads = [p.grad.clone() for p in net.parameters()]
+    buffers = [b.clone() for b in net.buffers()]
+    y[5] = bad
+    lo, hi = min(bad, int(y.min())), max(bad, int(y.max()))
+    with pytest.raises(ValueError, match=rf"^y: expected class indices in \[0, {CLASSES}\), got values in \[{lo}, {hi}\]"):
+        net.train_step(x, y)
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), grads))
+    assert all(torch.equal(b, c) for b, c in zip(net.buffers(), buffers))
 
 
 def test_nonfinite_error_is_a_floating_point_error_with_fields():

@@ -370,3 +370,24 @@ def test_study_quick_mode(tmp_path):
     assert (out / "runs" / "K2-local-s0" / "results.json").is_file()
     # a second start skips finished runs
     assert study.main(["--quick", "--arch", "digits_cnn", "--data", str(data), "--out", str(out), "--batch-size", "32"]) == 0
+
+
+def test_peak_memory_is_measured_only_when_asked(tmp_path, monkeypatch):
+    """PeakMemory synchronises around every step on CUDA: the trainer uses it only with --peak-memory."""
+    from sgr_ext.memory import PeakMemory
+    from sgr_ext.trainer import loop
+
+    entered = []
+
+    class Spy(PeakMemory):
+        def __enter__(self):
+            entered.append(1)
+            return super().__enter__()
+
+    monkeypatch.setattr(loop, "PeakMemory", Spy)
+    res = train(TrainConfig(method="local", out=None, checkpoint=False, **TINY))
+    assert not entered and res["peak_mem_mib"] is None and res["memory_metric"] is None
+    res = train(TrainConfig(method="local", out=None, checkpoint=False, peak_memory=True, **TINY))
+    assert entered and res["peak_mem_mib"] > 0 and res["memory_metric"] == "saved_activations"
+    assert TrainConfig.from_namespace(cli.build_parser().parse_args(["train", "--peak-memory"])).peak_memory
+    assert not TrainConfig.from_namespace(cli.build_parser().parse_args(["train"])).peak_memory

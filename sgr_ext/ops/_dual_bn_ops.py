@@ -33,6 +33,14 @@ def _triton_module():
     return kernels
 
 
+def _out_like(z: Tensor) -> Tensor:
+    """An empty output for z: ``empty_like(z)``, except in NCHW order where z's spatial dims
+    do not flatten into one strided dim (a dense H/W-swapped layout): the Triton kernels write
+    through a (2n, C, S) view of the output, and a flattening copy would lose the writes."""
+    merge = all(z.stride(i) == z.stride(i + 1) * z.shape[i + 1] for i in range(2, z.dim() - 1) if z.shape[i] > 1)
+    return torch.empty_like(z) if merge else torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
 def _check_impl(impl: str) -> None:
     if impl not in KERNEL_IMPLS:
         raise ValueError(f"sgr_ext dual_batchnorm: kernel impl must be one of {KERNEL_IMPLS}, got {impl!r}")
@@ -59,7 +67,7 @@ def kernel_apply(z: Tensor, stats: Tensor, relu: bool, impl: str) -> Tensor:
     """y = a x + b, yt = a t + d x + e (then ReLU on both halves, mask y > 0): like z."""
     _check_impl(impl)
     a, b, d, e = stats[4:]
-    out = torch.empty_like(z)
+    out = _out_like(z)
     with torch.autocast(z.device.type, enabled=False):
         if impl == "triton":
             _triton_module().apply_fwd(z, out, a, b, d, e, relu)
@@ -73,7 +81,7 @@ def kernel_bwd(z: Tensor, grad: Tensor, weight: Optional[Tensor], stats: Tensor,
     _check_impl(impl)
     mean, a, b = stats[0], stats[4], stats[5]
     with torch.autocast(z.device.type, enabled=False):
-        gz = torch.empty_like(z)
+        gz = _out_like(z)
         if impl == "triton":
             K = _triton_module()
             k1, k2, k3, kx, k0, k7, k8, g_w, g_b = K.stats_bwd(z, grad, weight, stats, relu)
@@ -98,7 +106,7 @@ def dual_bn_fwd(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps
 
 @dual_bn_fwd.register_fake
 def _(z, weight, bias, eps, relu, impl):
-    return torch.empty_like(z), _fake_stats(z)
+    return _out_like(z), _fake_stats(z)
 
 
 @torch.library.custom_op("sgr_ext::dual_bn_apply", mutates_args=())
@@ -109,7 +117,7 @@ def dual_bn_apply(z: Tensor, stats: Tensor, relu: bool, impl: str) -> Tensor:
 
 @dual_bn_apply.register_fake
 def _(z, stats, relu, impl):
-    return torch.empty_like(z)
+    return _out_like(z)
 
 
 @torch.library.custom_op("sgr_ext::dual_bn_bwd", mutates_args=())
@@ -122,4 +130,4 @@ def dual_bn_bwd(z: Tensor, grad: Tensor, weight: Optional[Tensor], stats: Tensor
 
 @dual_bn_bwd.register_fake
 def _(z, grad, weight, stats, relu, impl):
-    return torch.empty_like(z), stats.new_empty(stats.shape[1:]), stats.new_empty(stats.shape[1:])
+    return _out_like(z), stats.new_empty(stats.shape[1:]), stats.new_empty(stats.shape[1:])

@@ -123,6 +123,9 @@ def register(subparsers) -> None:
     g.add_argument("--weight-decay", type=_float(0.0), default=d.weight_decay, help="(default %(default)s)")
     g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="per-step LR schedule (default %(default)s)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    g.add_argument("--peak-memory", action="store_true",
+                   help="record each step's peak memory in metrics (on CUDA it synchronises before and after "
+                   "every step, so it is off by default)")
     g.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
     g.add_argument("--nonfinite", default=d.nonfinite, choices=NONFINITE_POLICIES,
                    help="NaN/Inf in a module's input, loss, penalty, boundary gradient or weight gradients: raise "

@@ -52,6 +52,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
     amp: bool = False
+    peak_memory: bool = False  # record each step's peak memory (on CUDA: a sync before and after every step)
     seed: int = 0
     data: str = "digits"
     out: Optional[str] = "runs/train"

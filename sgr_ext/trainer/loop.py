@@ -338,7 +338,9 @@ class _Run:
         nonfinite_steps = skipped_steps = 0  # --nonfinite skip/warn
         bp_loss = torch.zeros((), device=dev, dtype=torch.float64)
         bp_correct = torch.zeros((), device=dev, dtype=torch.long)
-        peak = PeakMemory(dev)  # per step, DESIGN.md §5; on CPU the bytes saved for backward
+        # per step, DESIGN.md §5 (on CPU the bytes saved for backward); only when asked: on CUDA
+        # it synchronises around every step
+        peak = PeakMemory(dev) if cfg.peak_memory else None
         t0 = time.perf_counter()
         for i, (lo, hi) in enumerate(self.batches):
             step = epoch * len(self.batches) + i
@@ -350,7 +352,7 @@ class _Run:
                 x = random_crop_flip(x, padding=0, flip=True, generator=aug_gen)
             x = self.prepare(x)
             self.opt.zero_grad(set_to_none=True)
-            with peak:
+            with peak if peak is not None else contextlib.nullcontext():
                 st = self._step(x, y, step, epoch, i, bp_loss, bp_correct)
             if st is not None and st.nonfinite_blocks:
                 nonfinite_steps += 1
@@ -406,8 +408,8 @@ class _Run:
         rec["step_time_ms"] = 1000.0 * train_time / len(self.batches)
         rec["train_time_s"] = train_time
         rec["samples_per_s"] = n / train_time if train_time > 0 else None
-        rec["peak_mem_mib"] = peak.peak_mb
-        rec["memory_metric"] = peak.metric
+        rec["peak_mem_mib"] = peak.peak_mb if peak is not None else None
+        rec["memory_metric"] = peak.metric if peak is not None else None
         return rec
 
     # ------------------------------------------------------------------ main
