@@ -217,3 +217,40 @@ def test_float16_autocast_with_grad_scaler_every_engine(mode, grad):
             assert not changed  # skipped by the scaler
         else:
             assert changed and all(torch.isfinite(p).all() for p in net.parameters())
+
+
+# --------------------------------------------------------------------------- trainer frameworks
+
+
+def test_lightning_automatic_optimization_with_accumulation():
+    lightning = pytest.importorskip("lightning")
+
+    class LitSGR(lightning.LightningModule):  # the README's example
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.net(x, y).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    torch.manual_seed(0)
+    ref, net = twin_nets(mlp_blocks(), "exact", "backward")
+    batches = [batch(5, shape=(6,)) for _ in range(4)]
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for i in range(0, 4, 2):  # two optimizer steps of two accumulated micro-batches each
+        opt.zero_grad()
+        for xb, yb in batches[i:i + 2]:
+            ref.train_step(xb, yb)
+        for p in ref.parameters():
+            p.grad /= 2
+        opt.step()
+    trainer = lightning.Trainer(
+        max_steps=2, accumulate_grad_batches=2, accelerator="cpu", precision="64-true", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(LitSGR(net), torch.utils.data.DataLoader(batches, batch_size=None))
+    for p, q in zip(ref.parameters(), net.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
