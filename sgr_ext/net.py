@@ -228,6 +228,7 @@ class LocalNet(nn.Module):
         p0 = next(self.blocks[0].module.parameters(), None)
         if p0 is not None:
             _checks.module_input("x", x, p0, "blocks[0]")
+        _checks.layer_input("x", x, _checks.first_layer(self.blocks[0].module), "blocks[0]")
         if isinstance(y, torch.Tensor) and y.device != x.device:
             raise ValueError(f"y: expected a tensor on x's device ({x.device}), got {y.device}")
         if self.config.loss_fn is F.cross_entropy:

@@ -7,6 +7,7 @@ on device tensors (``sgr_ext.trainer.augment``).
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -73,16 +74,27 @@ def load_npz(path) -> TensorDataset:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data: no such file: {path}")
+    if not zipfile.is_zipfile(path):  # np.load would try it as .npy, then as a pickle
+        raise ValueError(f"--data {path}: not a NumPy .npz archive (expected a file written by numpy.savez "
+                         f"with arrays {list(NPZ_KEYS)})")
     try:
         with np.load(path, allow_pickle=False) as z:
             files = list(z.files)
             arrays = {k: z[k] for k in NPZ_KEYS if k in files}
-    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError, pickled/.npy data ...
-        raise ValueError(f"--data {path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:  # object arrays: loading them would run pickled code
+        raise ValueError(f"--data {path}: holds object (pickled) arrays, which are never loaded; expected "
+                         f"numeric arrays {list(NPZ_KEYS)} ({exc.__class__.__name__})") from None
+    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError ...
+        raise ValueError(f"--data {path}: not a readable .npz archive ({type(exc).__name__}: {exc})") from None
     missing = [k for k in NPZ_KEYS if k not in arrays]
     if missing:
         raise ValueError(f"--data {path}: missing arrays {missing}; expected {list(NPZ_KEYS)}, found {files}")
     return from_arrays(path.stem, *(arrays[k] for k in NPZ_KEYS))
+
+
+CIFAR_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
+CIFAR_LAYOUT = ("a directory holding cifar-10-batches-py/ with data_batch_1 ... data_batch_5 and test_batch "
+                "(CIFAR-10's python version, extracted; nothing is downloaded)")
 
 
 def load_cifar10_dir(root) -> TensorDataset:
@@ -93,15 +105,17 @@ def load_cifar10_dir(root) -> TensorDataset:
     root = Path(root)
     if root.name == "cifar-10-batches-py":
         root = root.parent
+    missing = [f for f in CIFAR_FILES if not (root / "cifar-10-batches-py" / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--data {root}: expected {CIFAR_LAYOUT}; missing {', '.join(missing)}")
     from torchvision.datasets import CIFAR10
 
     try:
         train = CIFAR10(str(root), train=True, download=False)
         test = CIFAR10(str(root), train=False, download=False)
-    except RuntimeError as exc:
-        raise FileNotFoundError(
-            f"--data {root}: no valid CIFAR-10 python batches (cifar-10-batches-py/) found ({exc})"
-        ) from None
+    except RuntimeError:  # torchvision's checksum test failed (its message suggests download=True)
+        raise ValueError(f"--data {root}: the CIFAR-10 batches in cifar-10-batches-py/ fail their checksums "
+                         "(damaged or not CIFAR-10's python version); extract the archive again") from None
     return from_arrays("cifar10", train.data, np.asarray(train.targets), test.data, np.asarray(test.targets), 10)
 
 
