@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from sgr_ext.blocks import LocalBlock
-from sgr_ext.engine import dual, local
+from sgr_ext.engine import dual, fused_head, local
 from sgr_ext.engine.base import BlockResult, StepConfig, alignment
 from sgr_ext.reference import accumulate_dtype
 
@@ -89,17 +89,8 @@ def step(
             with dual.frozen_norm_stats(block), rng:
                 out = dual.run_module(block.module, z)
                 del z
-                if isinstance(out, dual.Dual):
-                    head_out = dual.run_module(block.head, out)
-                else:  # the block output does not depend on its input
-                    head_out = block.head(out)
+                objective = _tangent_objective(block, out, y, cfg, cfg.lam * batch / s)
                 del out
-                if isinstance(head_out, dual.Dual):
-                    l, ldot = dual.dual_loss(head_out, y, cfg.loss_fn)
-                    objective = l + ldot * (cfg.lam * batch / s)
-                else:
-                    objective = cfg.loss_fn(head_out, y)
-                del head_out
             if objective.requires_grad:
                 objective.backward(inputs=params)
             del objective
@@ -113,3 +104,24 @@ def step(
         norm_ratio=ratio,
         ready=ready,
     )
+
+
+def _tangent_objective(block: LocalBlock, out, y: torch.Tensor, cfg: StepConfig, c) -> torch.Tensor:
+    """l + c * ldot of the head on the block output ``out``: a ``dual.Dual`` (primal and tangent),
+    or a plain tensor when the block output does not depend on its input (then l alone)."""
+    if not isinstance(out, dual.Dual):
+        return cfg.loss_fn(block.head(out), y)
+    fused = fused_head.fused_parts(block.head, out.shape[0], cfg.loss_fn)
+    if fused is None:
+        head_out = dual.run_module(block.head, out)
+    else:  # the last Linear and the loss in one op: no (N, V) logits
+        body, linear = fused
+        h = dual.run_module(body, out) if body is not None else out
+        if isinstance(h, dual.Dual) and h.ndim == 2:
+            l, ldot = fused_head.dual_loss(h.primal, h.tangent, linear, y)
+            return l + ldot * c
+        head_out = dual.run_module(linear, h) if isinstance(h, dual.Dual) else linear(h)
+    if isinstance(head_out, dual.Dual):
+        l, ldot = dual.dual_loss(head_out, y, cfg.loss_fn)
+        return l + ldot * c
+    return cfg.loss_fn(head_out, y)
