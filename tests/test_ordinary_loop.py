@@ -41,8 +41,8 @@ def batch(n=7, dtype=torch.float64, shape=(2, 4, 3)):
     return torch.randn(n, *shape, dtype=dtype), torch.randint(0, CLASSES, (n,))
 
 
-def twin_nets(blocks, mode, grad, lam=0.6):
-    kw = dict(lam=lam, mode=mode, grad=grad, num_tangents=2)
+def twin_nets(blocks, mode, grad, lam=0.6, **extra):
+    kw = dict(lam=lam, mode=mode, grad=grad, num_tangents=2, **extra)
     blocks_b = copy.deepcopy(blocks)
     return sgr_ext.LocalNet(blocks, **kw), sgr_ext.LocalNet(blocks_b, **kw)
 
@@ -75,6 +75,18 @@ def test_backward_of_loss_adds_train_step_gradients_times_scale(mode, grad, make
     want = sum(l + ref.lam * r for l, r in zip(ref_stats.losses, ref_stats.penalties))
     assert out.loss.dim() == 0 and out.loss.dtype == torch.float64 and float(out.loss.detach()) == pytest.approx(want, rel=1e-14)
     assert out.logits.shape == (x.shape[0], CLASSES) and not out.logits.requires_grad
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast", "double_backward"])
+def test_penalty_strength_options_keep_the_contract(mode):
+    torch.manual_seed(1)
+    ref, net = twin_nets(conv_blocks(), mode, "backward", lam_mode="grad_ratio", distance="l2_rel")
+    x, y = batch()
+    ref_stats = ref.train_step(x, y)
+    out = net(x, y)
+    (0.5 * out.loss).backward()
+    assert_grads(ref, net, 0.5)
+    assert out.stats.penalty_shares == ref_stats.penalty_shares
 
 
 @pytest.mark.parametrize("mode, grad", SETTINGS)

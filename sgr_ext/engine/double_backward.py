@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from sgr_ext.blocks import LocalBlock
-from sgr_ext.engine import fused_head
+from sgr_ext.engine import fused_head, local
 from sgr_ext.engine.base import BlockResult, StepConfig, alignment
 from sgr_ext.ops.reconcile import reconcile
 
@@ -51,7 +51,12 @@ def step(
     if penalize:
         penalty = reconcile(a, d_prev, distance=cfg.distance, eps=cfg.eps)
         objective = loss + cfg.lam * penalty
-    if params:
+    share = None
+    if params and penalize and cfg.split_grads:
+        g_loss = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        g_pen = torch.autograd.grad(penalty, params, allow_unused=True)
+        share = local.accumulate_penalized(params, g_loss, g_pen, cfg)
+    elif params:
         objective.backward(inputs=params)
 
     cos = ratio = None
@@ -65,4 +70,5 @@ def step(
         accuracy=acc,
         cosine=cos,
         norm_ratio=ratio,
+        share=share,
     )

@@ -71,17 +71,22 @@ def step(
         return local.step(block, x_prev, y, d_prev, cfg, need_output_grad)
     batch = x_prev.shape[0]
     rng = local.replay_rng(x_prev.device, active=local.is_stochastic(block))
+    params = block.trainable_parameters()
+    split = cfg.split_grads and bool(params)
+    share = None
     with torch.enable_grad():
-        # 1. A_k and D_k: activation gradients only; the graph is freed by autograd.grad
-        u, output, loss, acc, _, a, d_out, ready = local.first_pass(block, x_prev, y, cfg, need_output_grad)
+        # 1. A_k and D_k (and grad l_k when the two gradients are kept apart); the graph is
+        # freed by autograd.grad
+        u, output, loss, acc, g_loss, a, d_out, ready = local.first_pass(
+            block, x_prev, y, cfg, need_output_grad, params if split else ())
 
         # 2. the penalty and its first derivative w = dR/dA
         penalty, w = local.penalty_direction(a, d_prev, cfg)
         cos, ratio = alignment(a, d_prev)
         del a
 
-        # 3. one tangent-carrying forward and one backward of l + lam B ldot
-        params = block.trainable_parameters()
+        # 3. one tangent-carrying forward and one backward of l + lam B ldot (of B ldot alone,
+        # i.e. grad R_k, when split)
         if params:
             s = tangent_scale(u, w)
             z = dual.pack(u.detach(), w * s)
@@ -89,9 +94,20 @@ def step(
             with dual.frozen_norm_stats(block), rng:
                 out = dual.run_module(block.module, z)
                 del z
-                objective = _tangent_objective(block, out, y, cfg, cfg.lam * batch / s)
+                l, ldot = _tangent_terms(block, out, y, cfg)
                 del out
-            if objective.requires_grad:
+                if ldot is None:  # no penalty gradient
+                    objective = None if split else l
+                else:
+                    objective = ldot * (batch / s) if split else l + ldot * (cfg.lam * batch / s)
+                del l, ldot
+            if split:
+                g_pen = [None] * len(params)
+                if objective is not None and objective.requires_grad:
+                    g_pen = torch.autograd.grad(objective, params, allow_unused=True)
+                share = local.accumulate_penalized(params, g_loss, g_pen, cfg)
+                del g_loss, g_pen
+            elif objective.requires_grad:
                 objective.backward(inputs=params)
             del objective
     return BlockResult(
@@ -103,14 +119,16 @@ def step(
         cosine=cos,
         norm_ratio=ratio,
         ready=ready,
+        share=share,
     )
 
 
-def _tangent_objective(block: LocalBlock, out, y: torch.Tensor, cfg: StepConfig, c) -> torch.Tensor:
-    """l + c * ldot of the head on the block output ``out``: a ``dual.Dual`` (primal and tangent),
-    or a plain tensor when the block output does not depend on its input (then l alone)."""
+def _tangent_terms(block: LocalBlock, out, y: torch.Tensor, cfg: StepConfig):
+    """(l, ldot) of the head on the block output ``out``, a ``dual.Dual`` (primal and tangent);
+    ldot is None when the head output carries no tangent (or ``out`` is a plain tensor: the
+    block output does not depend on its input)."""
     if not isinstance(out, dual.Dual):
-        return cfg.loss_fn(block.head(out), y)
+        return cfg.loss_fn(block.head(out), y), None
     fused = fused_head.fused_parts(block.head, out.shape[0], cfg.loss_fn)
     if fused is None:
         head_out = dual.run_module(block.head, out)
@@ -118,10 +136,8 @@ def _tangent_objective(block: LocalBlock, out, y: torch.Tensor, cfg: StepConfig,
         body, linear = fused
         h = dual.run_module(body, out) if body is not None else out
         if isinstance(h, dual.Dual) and h.ndim == 2:
-            l, ldot = fused_head.dual_loss(h.primal, h.tangent, linear, y)
-            return l + ldot * c
+            return fused_head.dual_loss(h.primal, h.tangent, linear, y)
         head_out = dual.run_module(linear, h) if isinstance(h, dual.Dual) else linear(h)
     if isinstance(head_out, dual.Dual):
-        l, ldot = dual.dual_loss(head_out, y, cfg.loss_fn)
-        return l + ldot * c
-    return cfg.loss_fn(head_out, y)
+        return dual.dual_loss(head_out, y, cfg.loss_fn)
+    return cfg.loss_fn(head_out, y), None
