@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -123,3 +123,27 @@ def no_side_effects(module: nn.Module, device: torch.device) -> Iterator[None]:
 def loss_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
     """float64 when the parameters are float64, float32 otherwise (also for half precision)."""
     return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def step_for_backward(net: nn.Module, run_step: Callable, device: torch.device) -> LocalNetOutput:
+    """Run a local step with its gradients set aside; return them behind ``loss``'s backward.
+
+    net: the ``LocalNet`` (its blocks, ``config.lam``). run_step: ``run_step(on_block_end) ->
+    StepStats``, one ``train_step`` (of the net, or of a data-parallel runner) that calls
+    ``on_block_end(k, result)`` after each block. device: where ``loss`` lives.
+    """
+    params = unique_parameters(net.blocks)
+    last = len(net.blocks) - 1
+    kept = {}
+
+    def keep_last_output(k, result):
+        if k == last:
+            kept["x"] = result.output
+
+    with grads_set_aside(params) as stash:
+        stats = run_step(keep_last_output)
+    with no_side_effects(net.blocks[-1].head, device):
+        logits = net.blocks[-1].head(kept.pop("x"))
+    total = sum(l + net.config.lam * r for l, r in zip(stats.losses, stats.penalties))
+    value = torch.tensor(total, dtype=loss_dtype(params), device=device)
+    return LocalNetOutput(loss=StashedGradients.apply(value, stash, *params), logits=logits, stats=stats)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -11,13 +11,14 @@ from torch import nn
 
 from sgr_ext import _checks, autograd_bridge
 from sgr_ext.blocks import LocalBlock
-from sgr_ext.engine import ENGINES, StepConfig, forward_grad
+from sgr_ext.engine import ENGINES, StepConfig, forward_grad, local, output_side
 from sgr_ext.engine.base import accuracy
 from sgr_ext.engine.pipeline import BlockPipeline, overlap_enabled
 
 
 NONFINITE_POLICIES = ("raise", "skip", "warn")
 LAM_MODES = ("fixed", "grad_ratio")
+SIDES = ("input", "output")
 EAGER_STEP = ("sgr_ext: a local-learning step always runs eagerly (its per-block autograd calls and host sync "
               "cannot be captured in one graph); compile the model code around it, or the blocks' modules")
 
@@ -47,13 +48,15 @@ class NonFiniteError(FloatingPointError):
 class StepStats:
     """Per-block statistics of one ``train_step``, index k = block k (0-based).
 
-    losses: l_k.  penalties: R_k (``penalties[0] == 0.0``).  accuracies: fraction of the
+    losses: l_k.  penalties: R_k, the penalty at boundary k (``penalties[0] == 0.0``; under
+    ``side="output"`` it is dist(D_{k-1}, A_k) and trains block k-1).  accuracies: fraction of the
     batch each head classifies right (None where the head is not a classifier).
     cosines, norm_ratios: mean cos(A_k, D_{k-1}) and |A_k| / |D_{k-1}| per boundary,
     None where A_k was not computed (block 0; lam == 0 without ``track_alignment``).
-    penalty_shares: ||lam_k grad R_k|| / ||grad l_k|| over block k's parameters, how much the
-    penalty moves the block's update (the target ``lam`` under ``lam_mode="grad_ratio"``); None
-    where not measured (block 0, lam == 0, or ``lam_mode="fixed"`` without ``track_share``).
+    penalty_shares: ||lam_k grad R_k|| / ||grad l|| over the parameters of the block the
+    boundary-k penalty trains (block k; block k-1 under ``side="output"``), how much the penalty
+    moves that block's update (the target ``lam`` under ``lam_mode="grad_ratio"``); None where not
+    measured (block 0, lam == 0, or ``lam_mode="fixed"`` without ``track_share`` on the input side).
     skipped: True when the ``nonfinite="skip"`` policy dropped the whole step (no ``p.grad``
     was changed). nonfinite_blocks: the blocks whose input, loss, penalty or gradients were
     NaN/Inf (their ``p.grad`` were left as before the step), empty when all were finite.
@@ -90,6 +93,12 @@ class LocalNet(nn.Module):
             from the loss's); ``grad="backward"`` only.
         track_share: also measure ``StepStats.penalty_shares`` under ``lam_mode="fixed"``
             (same cost as ``"grad_ratio"``; ``grad="backward"`` only).
+        side: which block the penalty at boundary k trains. ``"input"``: block k, whose input
+            gradient A_k is pulled towards D_{k-1} (DESIGN.md section 1). ``"output"``: block k-1,
+            whose output gradient D_{k-1} is pulled towards A_k (``sgr_ext.engine.output_side``):
+            what block k needs reaches block k-1, still without a gradient crossing a boundary.
+            Costs a recompute of block k-1 (forward and double backward) after block k's
+            forward, and keeps x_{k-2} one block longer; ``grad="backward"``, no CUDA overlap.
         loss_fn: ``loss_fn(head_output, y) -> 0-dim`` batch MEAN loss; cross-entropy by
             default. The batch scaling of A_k and D_k assumes mean reduction.
         mode: ``"exact"`` (default): the exact penalty gradient from one tangent-carrying
@@ -136,6 +145,7 @@ class LocalNet(nn.Module):
         overlap="auto",
         lam_mode: str = "fixed",
         track_share: bool = False,
+        side: str = "input",
     ):
         super().__init__()
         if not (isinstance(blocks, nn.Module) or hasattr(blocks, "__iter__")) or isinstance(blocks, str):
@@ -169,6 +179,10 @@ class LocalNet(nn.Module):
             track_share=track_share,
         )
         self.grad = _checks.choice("grad", grad, ("backward", "forward"))
+        self.side = _checks.choice("side", side, SIDES)
+        if self.side == "output" and (self.grad == "forward" or overlap is True):
+            raise ValueError("side='output' needs grad='backward' and overlap False or 'auto': block k-1's penalty "
+                             "is computed by backprop once block k's input gradient is known")
         if self.grad == "forward" and self.config.split_grads:
             raise ValueError("lam_mode='grad_ratio' and track_share=True need grad='backward': the forward-gradient "
                              "engine estimates the loss and penalty gradients together")
@@ -209,22 +223,7 @@ class LocalNet(nn.Module):
         return out
 
     def _step_for_backward(self, x: torch.Tensor, y: torch.Tensor) -> autograd_bridge.LocalNetOutput:
-        params = autograd_bridge.unique_parameters(self.blocks)
-        last = len(self.blocks) - 1
-        kept = {}
-
-        def keep_last_output(k, r):
-            if k == last:
-                kept["x"] = r.output
-
-        with autograd_bridge.grads_set_aside(params) as stash:
-            stats = self.train_step(x, y, on_block_end=keep_last_output)
-        with autograd_bridge.no_side_effects(self.blocks[-1].head, x.device):
-            logits = self.blocks[-1].head(kept.pop("x"))
-        total = sum(l + self.config.lam * r for l, r in zip(stats.losses, stats.penalties))
-        value = torch.tensor(total, dtype=autograd_bridge.loss_dtype(params), device=x.device)
-        loss = autograd_bridge.StashedGradients.apply(value, stash, *params)
-        return autograd_bridge.LocalNetOutput(loss=loss, logits=logits, stats=stats)
+        return autograd_bridge.step_for_backward(self, lambda hook: self.train_step(x, y, on_block_end=hook), x.device)
 
     @torch.no_grad()
     def _evaluate(self, x: torch.Tensor, y: torch.Tensor) -> autograd_bridge.LocalNetOutput:
@@ -292,12 +291,14 @@ class LocalNet(nn.Module):
         engine = self.step_engine()
         needs_d = self.config.lam > 0 or self.config.track_alignment
         guard = _StepGuard(self.blocks, x)
+        if self.config.loss_fn is F.cross_entropy:
+            self._check_label_range(x, y)
+        if self.side == "output" and self.config.lam > 0:
+            return self._collect(self._output_side_blocks(x, y, engine, guard, on_block_end), guard)
         results = []
         h, d = x, None
         last = len(self.blocks) - 1
         pipe = BlockPipeline(x, overlap_enabled(self.overlap, x, len(self.blocks)))
-        if self.config.loss_fn is F.cross_entropy:
-            self._check_label_range(x, y)
         for k, block in enumerate(self.blocks):
             with pipe.block(k, h, d, y):  # CUDA: block k's stream; no-op otherwise
                 r = engine(block, h, y, d, self.config, need_output_grad=needs_d and k < last)
@@ -310,6 +311,34 @@ class LocalNet(nn.Module):
             del r
         pipe.finish()
         return self._collect(results, guard)
+
+    def _output_side_blocks(self, x, y, engine, guard: "_StepGuard", on_block_end) -> list:
+        """The step loop for ``side="output"``: block k runs as plain local learning (keeping
+        A_k), then block k-1 gets its penalty from A_k (``output_side.step``). Block k-1's
+        statistics, non-finite check and ``on_block_end`` wait for that. Index k of the
+        penalties and shares is boundary k (acting on block k-1)."""
+        cfg = replace(self.config, lam=0.0, track_alignment=True, keep_input_grad=True, track_share=False)
+        results, pending = [], None  # pending: (block, its input, RNG snapshot, result) of block k-1
+        h, d, last = x, None, len(self.blocks) - 1
+        for k, block in enumerate(self.blocks):
+            rng = local.replay_rng(h.device, active=k < last and local.is_stochastic(block))
+            r = engine(block, h, y, d, cfg, need_output_grad=k < last)
+            if pending is not None:
+                p_block, p_input, p_rng, p_result = pending
+                r.penalty, r.share = output_side.step(p_block, p_input, y, r.input_grad, self.config, p_rng)
+                self._finish_block(k - 1, p_result, results, guard, on_block_end)
+            r.input_grad = None
+            pending = (block, h, rng, r)
+            h, d = r.output, r.output_grad
+        self._finish_block(last, pending[3], results, guard, on_block_end)
+        return results
+
+    @staticmethod
+    def _finish_block(k: int, r, results: list, guard: "_StepGuard", on_block_end) -> None:
+        guard.check_block(k, r)
+        if on_block_end is not None:
+            on_block_end(k, r)
+        results.append(r.statistics())
 
     def _check_label_range(self, x: torch.Tensor, y: torch.Tensor, probe: bool = True) -> None:
         counts = self._head_classes(x, probe)

@@ -117,3 +117,16 @@ def test_fused_head_keeps_no_logits_for_backward(fused_calls):
             assert mem.peak_bytes < logits_bytes / 4, mem.peak_bytes
         else:  # the same step unfused keeps the logits (and their softmax)
             assert mem.peak_bytes >= logits_bytes, mem.peak_bytes
+
+
+@pytest.mark.parametrize("kw", [dict(side="output"), dict(lam_mode="grad_ratio", distance="l2_rel")])
+def test_fused_path_equals_plain_path_for_the_other_penalty_options(fused_calls, kw):
+    torch.manual_seed(0)
+    blocks = blocks_with_linear_heads()
+    x, y = torch.randn(7, 2, 5, 3, dtype=torch.float64), torch.randint(0, V, (7,))
+    got, stats = step_grads(blocks, x, y, lam=0.8, **kw)
+    assert fused_calls
+    want, plain_stats = step_grads_unfused(blocks, x, y, lam=0.8, **kw)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert stats.penalties == pytest.approx(plain_stats.penalties, rel=1e-12)

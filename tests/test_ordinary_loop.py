@@ -78,9 +78,10 @@ def test_backward_of_loss_adds_train_step_gradients_times_scale(mode, grad, make
 
 
 @pytest.mark.parametrize("mode", ["exact", "fast", "double_backward"])
-def test_penalty_strength_options_keep_the_contract(mode):
+@pytest.mark.parametrize("kw", [dict(lam_mode="grad_ratio", distance="l2_rel"), dict(side="output")])
+def test_penalty_options_keep_the_contract(mode, kw):
     torch.manual_seed(1)
-    ref, net = twin_nets(conv_blocks(), mode, "backward", lam_mode="grad_ratio", distance="l2_rel")
+    ref, net = twin_nets(conv_blocks(), mode, "backward", **kw)
     x, y = batch()
     ref_stats = ref.train_step(x, y)
     out = net(x, y)

@@ -170,15 +170,17 @@ def grad_norm(grads) -> Optional[torch.Tensor]:
     return torch.linalg.vector_norm(torch.stack([n.to(acc) for n in norms]))
 
 
-def accumulate_penalized(params, g_loss, g_pen, cfg: StepConfig) -> torch.Tensor:
+def accumulate_penalized(params, g_loss, g_pen, cfg: StepConfig, loss_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``p.grad += g_l + lam_k g_R`` and the penalty's share ``||lam_k g_R|| / ||g_l||`` (0-dim).
 
     g_loss, g_pen: per parameter, grad_theta l_k and grad_theta R_k (None: zero). lam_k is
     ``cfg.lam`` ("fixed") or ``cfg.lam * ||g_l|| / ||g_R||`` ("grad_ratio": the penalty's
     gradient gets a fixed fraction of the loss gradient's norm, whatever the distance, block,
-    batch or stage of training). Norms are device tensors: no host sync.
+    batch or stage of training). ``loss_norm``: ||g_l|| when g_l was added elsewhere (then
+    ``g_loss`` holds Nones). Norms are device tensors: no host sync.
     """
-    nl, nr = grad_norm(g_loss), grad_norm(g_pen)
+    nl = grad_norm(g_loss) if loss_norm is None else loss_norm
+    nr = grad_norm(g_pen)
     if nr is None:  # the penalty does not reach any parameter
         accumulate(params, g_loss)
         return torch.zeros((), device=params[0].device) if nl is None else torch.zeros_like(nl)
@@ -248,4 +250,5 @@ def step(
         cosine=cos,
         norm_ratio=ratio,
         ready=ready,
+        input_grad=a.detach() if cfg.keep_input_grad and a is not None else None,
     )

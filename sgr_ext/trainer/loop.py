@@ -843,7 +843,7 @@ class _Run:
             "complete": complete,
             "epochs_done": len(h),
             "resumed_at_epoch": self.start_epoch if self.saved is not None else None,
-            "config": dataclasses.asdict(self.cfg),
+            "config": {**dataclasses.asdict(self.cfg), "lam": self.cfg.lam_value},  # the lambda used, not None
             "lam": self.cfg.lam_value,
             "dataset": self.data_fp,
             "image_size": self.image_size,
