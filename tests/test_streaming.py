@@ -76,3 +76,44 @@ def test_layout_errors_name_the_expected_layouts(tmp_path):
         load_dataset(str(root))
     with pytest.raises(ValueError, match="--loader: expected one of"):
         load_dataset(str(root), loader="disk")
+
+
+def test_train_streams_an_image_folder_and_matches_the_in_memory_run(tmp_path, monkeypatch):
+    from sgr_ext.trainer.loop import TrainConfig, train
+
+    root = write_image_folder(tmp_path / "tiny", size=(8, 8))
+    calls = []
+    real = streaming.ImageSource.batches
+
+    def counting(self, split, index_lists, pin_memory=False):
+        index_lists = [list(ix) for ix in index_lists]
+        calls.append((split, index_lists))
+        return real(self, split, index_lists, pin_memory)
+
+    monkeypatch.setattr(streaming.ImageSource, "batches", counting)
+    common = dict(arch="resnet32", modules=2, method="sgr", epochs=2, batch_size=6, lr=0.05, progress=False,
+                  plots=False, checkpoint=False, data=str(root), workers=0, seed=3, deterministic=True)
+    streamed = train(TrainConfig(out=str(tmp_path / "s"), loader="stream", **common))
+    assert {c[0] for c in calls} == {"train", "test"}
+    train_lists = [ix for split, lists in calls if split == "train" for ix in lists]
+    assert sorted(i for ix in train_lists[:3] for i in ix) == list(range(15))  # one epoch visits every image once
+    assert [len(ix) for ix in train_lists[:3]] == [6, 6, 3]
+    calls.clear()
+    whole = train(TrainConfig(out=str(tmp_path / "m"), loader="memory", **common))
+    assert not calls
+    assert streamed["dataset"] == whole["dataset"] == {"name": "tiny", "train": 15, "test": 6, "shape": [3, 8, 8],
+                                                       "classes": 3}
+    for a, b in zip(streamed["history"], whole["history"]):  # same samples, same order, same augmentation
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["test_acc"] == b["test_acc"]
+
+
+def test_cli_train_on_an_image_folder(tmp_path):
+    from sgr_ext.cli import main
+
+    root = write_image_folder(tmp_path / "tiny", size=(8, 8))
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--loader", "stream", "--workers", "1", "--arch", "resnet32",
+                 "--modules", "2", "--epochs", "1", "--batch-size", "8", "--no-progress", "--no-plots",
+                 "--no-checkpoint", "--out", str(out)]) == 0
+    assert (out / "results.json").is_file()
