@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     ap.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the cached runs")
+    ap.add_argument("--readme", default=None, help="also rewrite this README's study block (between the "
+                    "'<!-- study_sgr:begin/end -->' markers) from the report")
     args = ap.parse_args(argv)
     profile = PROFILES[args.profile]
     if args.epochs is not None:
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
     meta = {"profile": args.profile, "settings": dataclasses.asdict(profile), "command": command}
     if args.report_only:
         report.write(out, load_results(out), profile, meta)
-        return 0
+        return _readme(args, out)
     data = _find_data(args.data)
     ctx = mp.get_context("spawn")
     t0 = time.perf_counter()
@@ -129,6 +131,13 @@ def main(argv=None) -> int:
                 report.write(out, load_results(out), profile, meta)
     report.write(out, load_results(out), profile, meta)
     _log(f"study complete: {out / 'study.md'}")
+    return _readme(args, out)
+
+
+def _readme(args, out: Path) -> int:
+    if args.readme and not report.update_readme(Path(args.readme), out):
+        print(f"--readme {args.readme}: no '{report.BEGIN}' ... '{report.END}' block to rewrite", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -9,16 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgr_ext import _checks, autograd_bridge
+from sgr_ext import _checks, autograd_bridge, defaults
 from sgr_ext.blocks import LocalBlock
 from sgr_ext.engine import ENGINES, StepConfig, forward_grad, local, output_side
 from sgr_ext.engine.base import accuracy
 from sgr_ext.engine.pipeline import BlockPipeline, overlap_enabled
+from sgr_ext.nonfinite import NONFINITE_POLICIES, NonFiniteError  # noqa: F401  (public here too)
+from sgr_ext.nonfinite import StepGuard as _StepGuard
 
 
-NONFINITE_POLICIES = ("raise", "skip", "warn")
 LAM_MODES = ("fixed", "grad_ratio")
-SIDES = ("input", "output")
+SIDES = ("input", "output", "handback")
 EAGER_STEP = ("sgr_ext: a local-learning step always runs eagerly (its per-block autograd calls and host sync "
               "cannot be captured in one graph); compile the model code around it, or the blocks' modules")
 
@@ -29,19 +30,6 @@ def eager_step(fn: Callable) -> Callable:
         return torch.compiler.disable(fn, reason=EAGER_STEP)
     except TypeError:
         return torch.compiler.disable(fn)
-
-
-class NonFiniteError(FloatingPointError):
-    """The input, or a loss, penalty or gradient of block ``block`` (0-based) was NaN/Inf.
-
-    ``what``: ``"input"`` (block 0 only), ``"loss"``, ``"penalty"``, ``"boundary gradient"`` (D_k,
-    the gradient the block hands forward) or ``"gradient"`` (its parameter gradient).
-    """
-
-    def __init__(self, block: int, what: str):
-        super().__init__(f"block {block}: non-finite {what}")
-        self.block = block
-        self.what = what
 
 
 @dataclass
@@ -81,11 +69,14 @@ class LocalNet(nn.Module):
 
     Args:
         blocks: the K ``LocalBlock``s in order; the last block's head is the classifier.
-        lam: penalty strength >= 0 (0 gives plain local learning): the weight lambda of R_k
+        lam: strength >= 0 (0 gives plain local learning). None (the default): the setting the
+            accuracy study chose on validation (``sgr_ext.defaults``: ``side="handback"``,
+            ``lam_mode="grad_ratio"``, lam 1.0). A number: the weight lambda of R_k
             (``lam_mode="fixed"``), or the penalty gradient's norm as a fraction of the loss
             gradient's, per block and step (``lam_mode="grad_ratio"``).
         distance: ``"l2"``, ``"l2_rel"`` or ``"cosine"`` (see ``sgr_ext.reconcile``).
-        lam_mode: ``"fixed"``: J_k = l_k + lam R_k, the definition (DESIGN.md section 1).
+        lam_mode: (default ``"fixed"`` when ``lam`` is given) ``"fixed"``: J_k = l_k + lam R_k,
+            the definition (DESIGN.md section 1).
             ``"grad_ratio"``: block k's update is grad l_k + lam_k grad R_k with
             lam_k = lam ||grad l_k|| / ||grad R_k||, so one number means the same strength for
             every distance, block, model, batch size and stage of training. Costs the weight
@@ -93,12 +84,15 @@ class LocalNet(nn.Module):
             from the loss's); ``grad="backward"`` only.
         track_share: also measure ``StepStats.penalty_shares`` under ``lam_mode="fixed"``
             (same cost as ``"grad_ratio"``; ``grad="backward"`` only).
-        side: which block the penalty at boundary k trains. ``"input"``: block k, whose input
+        side: (default ``"input"`` when ``lam`` is given) which block the boundary-k term
+            trains. ``"input"``: block k, whose input
             gradient A_k is pulled towards D_{k-1} (DESIGN.md section 1). ``"output"``: block k-1,
             whose output gradient D_{k-1} is pulled towards A_k (``sgr_ext.engine.output_side``):
             what block k needs reaches block k-1, still without a gradient crossing a boundary.
             Costs a recompute of block k-1 (forward and double backward) after block k's
             forward, and keeps x_{k-2} one block longer; ``grad="backward"``, no CUDA overlap.
+            ``"handback"``: the control experiment for ``"output"``, no distance: block k-1 also
+            descends lam_k l_k through x_{k-1} (``output_side.handback_step``; ``distance`` unused).
         loss_fn: ``loss_fn(head_output, y) -> 0-dim`` batch MEAN loss; cross-entropy by
             default. The batch scaling of A_k and D_k assumes mean reduction.
         mode: ``"exact"`` (default): the exact penalty gradient from one tangent-carrying
@@ -132,7 +126,7 @@ class LocalNet(nn.Module):
         self,
         blocks: Sequence[LocalBlock],
         *,
-        lam: float,
+        lam: Optional[float] = None,
         distance: str = "l2",
         loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         mode: str = "exact",
@@ -143,9 +137,9 @@ class LocalNet(nn.Module):
         fg_per_sample: bool = True,
         nonfinite: str = "raise",
         overlap="auto",
-        lam_mode: str = "fixed",
+        lam_mode: Optional[str] = None,
         track_share: bool = False,
-        side: str = "input",
+        side: Optional[str] = None,
     ):
         super().__init__()
         if not (isinstance(blocks, nn.Module) or hasattr(blocks, "__iter__")) or isinstance(blocks, str):
@@ -165,6 +159,10 @@ class LocalNet(nn.Module):
             raise TypeError(f"fg_per_sample: expected a bool, got {type(fg_per_sample).__name__}")
         if not isinstance(track_share, bool):
             raise TypeError(f"track_share: expected a bool, got {type(track_share).__name__}")
+        if lam is None and grad == "forward":
+            raise ValueError("lam: the default (sgr_ext.defaults, chosen with backprop inside the blocks) does not "
+                             "apply to grad='forward'; pass lam (and side='input') explicitly")
+        lam, lam_mode, side = defaults.resolve(lam, lam_mode, side)
         self.blocks = nn.ModuleList(blocks)
         self.mode = _checks.choice("mode", mode, ENGINES)
         self.config = StepConfig(
@@ -180,8 +178,8 @@ class LocalNet(nn.Module):
         )
         self.grad = _checks.choice("grad", grad, ("backward", "forward"))
         self.side = _checks.choice("side", side, SIDES)
-        if self.side == "output" and (self.grad == "forward" or overlap is True):
-            raise ValueError("side='output' needs grad='backward' and overlap False or 'auto': block k-1's penalty "
+        if self.side != "input" and (self.grad == "forward" or overlap is True):
+            raise ValueError(f"side={self.side!r} needs grad='backward' and overlap False or 'auto': block k-1's penalty "
                              "is computed by backprop once block k's input gradient is known")
         if self.grad == "forward" and self.config.split_grads:
             raise ValueError("lam_mode='grad_ratio' and track_share=True need grad='backward': the forward-gradient "
@@ -293,7 +291,7 @@ class LocalNet(nn.Module):
         guard = _StepGuard(self.blocks, x)
         if self.config.loss_fn is F.cross_entropy:
             self._check_label_range(x, y)
-        if self.side == "output" and self.config.lam > 0:
+        if self.side != "input" and self.config.lam > 0:
             return self._collect(self._output_side_blocks(x, y, engine, guard, on_block_end), guard)
         results = []
         h, d = x, None
@@ -325,7 +323,8 @@ class LocalNet(nn.Module):
             r = engine(block, h, y, d, cfg, need_output_grad=k < last)
             if pending is not None:
                 p_block, p_input, p_rng, p_result = pending
-                r.penalty, r.share = output_side.step(p_block, p_input, y, r.input_grad, self.config, p_rng)
+                side_step = output_side.step if self.side == "output" else output_side.handback_step
+                r.penalty, r.share = side_step(p_block, p_input, y, r.input_grad, self.config, p_rng)
                 self._finish_block(k - 1, p_result, results, guard, on_block_end)
             r.input_grad = None
             pending = (block, h, rng, r)
@@ -444,96 +443,3 @@ def _check_same_classes(counts: list) -> None:
                 f"blocks[{k}].head: predicts {c} classes, but blocks[{first[0]}].head predicts "
                 f"{first[1]}; with the cross-entropy loss every head must output the same classes"
             )
-
-
-_WHAT = ("input", "loss", "penalty", "boundary gradient", "gradient")
-
-
-def _host_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-class _StepGuard:
-    """Non-finite detection and rollback for one ``train_step``.
-
-    Before the step: a copy of every existing ``p.grad`` of the blocks' trainable parameters
-    (None stays None: nothing is copied in the usual ``zero_grad(set_to_none=True)`` loop) and
-    of the running statistics of train-mode normalisation layers. Per block, flags (device
-    tensors, no sync) for a non-finite loss, penalty, D_k and parameter gradient (the gradient flag
-    is the sum of per-tensor L1 norms of the block's ``p.grad``, in float64, after the block's
-    step: non-finite exactly when some entry is). ``read`` brings statistics and flags to the
-    host in one transfer; ``restore(blocks)`` puts those blocks' saved state back.
-    """
-
-    def __init__(self, blocks, x: torch.Tensor):
-        self.blocks = blocks
-        self.params = [b.trainable_parameters() for b in blocks]
-        self.grads: dict[int, Optional[torch.Tensor]] = {}
-        for ps in self.params:
-            for p in ps:
-                if id(p) not in self.grads:
-                    self.grads[id(p)] = None if p.grad is None else p.grad.detach().clone()
-        self.buffers = []
-        for b in blocks:
-            bufs = [t for m in b.modules()
-                    if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
-                    for t in m.buffers(recurse=False)]
-            self.buffers.append([(t, t.detach().clone()) for t in bufs])
-        self.device = x.device
-        self.input_bad = (~torch.isfinite(x).all()) if (x.is_floating_point() or x.is_complex()) else None
-        self.grad_bad: list[Optional[torch.Tensor]] = []
-        self.d_bad: list[Optional[torch.Tensor]] = []
-
-    def check_block(self, k: int, r) -> None:
-        self.d_bad.append(None if r.output_grad is None else ~torch.isfinite(r.output_grad).all())
-        grads = [p.grad for p in self.params[k] if p.grad is not None]
-        grads = [g._values() if g.is_sparse else g for g in grads]
-        if not grads:
-            self.grad_bad.append(None)
-            return
-        norms = torch._foreach_norm(grads, 1, dtype=_host_dtype(grads[0].device))
-        total = torch.stack([n.to(norms[0].device) for n in norms]).sum()
-        self.grad_bad.append(~torch.isfinite(total))
-
-    def read(self, results) -> tuple[list[list[Optional[float]]], dict[int, list[str]]]:
-        """Per block [loss, penalty, accuracy, cosine, norm_ratio, share] (None where absent) and
-        {block: [what, ...]} for the non-finite ones; one device-to-host transfer."""
-        dt = _host_dtype(self.device)
-        vals, slots = [], []  # slots: per block, the index in vals of each statistic (None: absent)
-
-        def put(t) -> Optional[int]:
-            if t is None:
-                return None
-            vals.append(t.detach().reshape(()).to(device=self.device, dtype=dt))
-            return len(vals) - 1
-
-        for k, r in enumerate(results):
-            stat = [put(r.loss), put(r.penalty), put(r.accuracy), put(r.cosine), put(r.norm_ratio), put(r.share)]
-            flags = [
-                put(self.input_bad) if k == 0 else None,
-                put(~torch.isfinite(r.loss)),
-                put(~torch.isfinite(r.penalty)),
-                put(self.d_bad[k]),
-                put(self.grad_bad[k]),
-            ]
-            slots.append((stat, flags))
-        host = torch.stack(vals).tolist() if vals else []
-        values, bad = [], {}
-        for k, (stat, flags) in enumerate(slots):
-            values.append([None if i is None else host[i] for i in stat])
-            what = [w for w, i in zip(_WHAT, flags) if i is not None and host[i]]
-            if what:
-                bad[k] = what
-        return values, bad
-
-    @torch.no_grad()
-    def restore(self, blocks) -> None:
-        for k in blocks:
-            for p in self.params[k]:
-                saved = self.grads[id(p)]
-                if saved is not None and p.grad is not None and p.grad.shape == saved.shape and not p.grad.is_sparse:
-                    p.grad.copy_(saved)
-                else:
-                    p.grad = None if saved is None else saved.clone()
-            for t, saved in self.buffers[k]:
-                t.copy_(saved)

@@ -81,8 +81,9 @@ def test_demo_help_shows_every_option_with_its_default():
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
     for option, default in (("--epochs", "15"), ("--batch-size", "64"), ("--lr", "0.05"), ("--seed", "0"),
-                            ("--modules", "4"), ("--lam", "0.1")):
+                            ("--modules", "4")):
         assert option in text and f"(default {default})" in text, option
+    assert "--lam LAM strength; default:" in text  # its default is the study's setting, said in words
 
 
 def test_a_single_point_is_drawn_with_a_marker():

@@ -119,7 +119,7 @@ def test_fused_head_keeps_no_logits_for_backward(fused_calls):
             assert mem.peak_bytes >= logits_bytes, mem.peak_bytes
 
 
-@pytest.mark.parametrize("kw", [dict(side="output"), dict(lam_mode="grad_ratio", distance="l2_rel")])
+@pytest.mark.parametrize("kw", [dict(side="output"), dict(side="handback"), dict(lam_mode="grad_ratio", distance="l2_rel")])
 def test_fused_path_equals_plain_path_for_the_other_penalty_options(fused_calls, kw):
     torch.manual_seed(0)
     blocks = blocks_with_linear_heads()

@@ -78,7 +78,8 @@ def test_backward_of_loss_adds_train_step_gradients_times_scale(mode, grad, make
 
 
 @pytest.mark.parametrize("mode", ["exact", "fast", "double_backward"])
-@pytest.mark.parametrize("kw", [dict(lam_mode="grad_ratio", distance="l2_rel"), dict(side="output")])
+@pytest.mark.parametrize("kw", [dict(lam_mode="grad_ratio", distance="l2_rel"), dict(side="output"),
+                                dict(side="handback", lam_mode="grad_ratio")])
 def test_penalty_options_keep_the_contract(mode, kw):
     torch.manual_seed(1)
     ref, net = twin_nets(conv_blocks(), mode, "backward", **kw)

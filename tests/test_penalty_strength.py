@@ -171,7 +171,27 @@ def test_output_side_refusals():
     blocks, _ = mlp_blocks()
     with pytest.raises(ValueError, match="side"):
         sgr_ext.LocalNet(blocks, lam=0.1, side="both")
+    with pytest.raises(ValueError, match="side='handback' needs grad='backward'"):
+        sgr_ext.LocalNet(blocks, lam=0.1, side="handback", grad="forward")
     with pytest.raises(ValueError, match="side='output' needs grad='backward'"):
         sgr_ext.LocalNet(blocks, lam=0.1, side="output", grad="forward")
     with pytest.raises(ValueError, match="side='output'"):
         sgr_ext.LocalNet(blocks, lam=0.1, side="output", overlap=True)
+
+
+@pytest.mark.parametrize("mode", ["exact", "double_backward"])
+def test_handback_equals_one_boundary_backprop_float64(mode):
+    from reference_sgr import handback_gradients
+
+    torch.manual_seed(5)
+    blocks, x = resnet_blocks()
+    y = torch.randint(0, CLASSES, (x.shape[0],))
+    ref = copy.deepcopy(blocks)
+    want = handback_gradients(ref, x, y, 0.6)
+    got, stats = _run(blocks, x, y, mode, 0.6, "l2", side="handback")
+    for g, w in zip(flat_grads(got), want):
+        assert rel(g, torch.cat([t.flatten() for t in w])) < 1e-10
+    for b, rb in zip(got, ref):
+        for s, r in zip(b.buffers(), rb.buffers()):
+            assert torch.equal(s, r)
+    assert all(s > 0 for s in stats.penalty_shares[1:])

@@ -53,7 +53,7 @@ def select_default(table: dict, seeds: tuple) -> dict:
     for (arch, K), fams in table.items():
         local = fams.get("local", {})
         for fam, runs in fams.items():
-            if not fam.startswith("sgr"):  # sgr (input side) and sgrout (output side)
+            if not fam.startswith(("sgr", "handback")):  # sgr, sgrout (output side), handback
                 continue
             common = [s for s in runs if s in local and "failed" not in runs[s]]
             if len(common) == len(seeds):  # confirmed cells only
@@ -82,7 +82,7 @@ def write(out: Path, results: dict, profile, meta: dict) -> None:
                     "cos": _mean((r0.get("cosines") or [])[1:]), "share": _mean((r0.get("penalty_shares") or [])[1:]),
                     "share_ep2": _mean((r0.get("penalty_shares_epoch2") or [])[1:]), "failed": r0.get("failed"),
                     "wall_s": r0.get("wall_s")})
-            if len(runs) == len(seeds) and fam.startswith("sgr"):
+            if len(runs) == len(seeds) and fam.startswith(("sgr", "handback")):
                 tm, ts = _ms([runs[s]["test_acc"] for s in seeds])
                 lm, ls = _ms([loc[s]["test_acc"] for s in seeds if s in loc])
                 bm, bs = _ms([bp[s]["test_acc"] for s in seeds if s in bp])
@@ -92,7 +92,7 @@ def write(out: Path, results: dict, profile, meta: dict) -> None:
                                   "bp": [bm, bs], "val": vm, "gap_closed": gap,
                                   "beyond_noise": None if None in (tm, lm) else (tm - lm) > max(ts, ls)})
     lines += [f"## Selected settings on the test split ({len(seeds)} seeds, mean ± std, %)", "",
-              "| arch | K | global BP | plain local | SGR setting (chosen on validation) | SGR | gap closed |",
+              "| arch | K | global BP | plain local | reconciliation setting (chosen on validation) | with it | gap closed |",
               "|---|---|---|---|---|---|---|"]
     for c in confirmed:
         gap = "-" if c["gap_closed"] is None else f"{100 * c['gap_closed']:.0f} %"
@@ -104,7 +104,7 @@ def write(out: Path, results: dict, profile, meta: dict) -> None:
               + (", ".join(f"{s['family']} {100 * s['mean_val_gain']:+.2f} pt ({s['cells']} cells)" for s in default["scores"])
                  or "none yet") + ".", "",
               "## Every run at seed 0 (screen; validation decides, test shown for completeness)", "",
-              "| arch | K | setting | val % | Δval vs local | test % | mean cos(A_k, D_k-1) | penalty share (last epoch / epoch 2) | minutes |",
+              "| arch | K | setting | val % | Δval vs local | test % | mean cos(A_k, D_k-1) | share of the update (last epoch / epoch 2) | minutes |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in screen_rows:
         if r["failed"]:
@@ -116,6 +116,9 @@ def write(out: Path, results: dict, profile, meta: dict) -> None:
         lines.append(f"| {r['arch']} | {r['K']} | {r['family']} | {_pct(r['val'])} | {dval} | {_pct(r['test'])} | "
                      f"{cos} | {share} | {(r['wall_s'] or 0) / 60:.1f} |")
     (out / "study.md").write_text("\n".join(lines) + "\n")
+    summary = lines[lines.index(next(x for x in lines if x.startswith("## Selected"))):lines.index(
+        next(x for x in lines if x.startswith("## Every run")))]
+    (out / "summary.md").write_text("\n".join(summary).replace("## Selected", "#### Selected") + "\n")
     (out / "study.json").write_text(json.dumps({**meta, "confirmed": confirmed, "screen": screen_rows,
                                                 "default": default}, indent=1))
     _plots(out, screen_rows, profile)
@@ -132,17 +135,19 @@ def _plots(out: Path, rows: list, profile) -> None:
     if not archs:
         return
     fig, axes = plt.subplots(1, len(archs), figsize=(6 * len(archs), 4.2), squeeze=False)
+    colors: dict = {}  # one colour per setting family across the panels
     for ax, arch in zip(axes[0], archs):
         rs = [r for r in rows if r["arch"] == arch and r["K"] == K0 and not r["failed"]]
         groups = defaultdict(list)
         for r in rs:
-            if r["family"].startswith("sgr"):
+            if r["family"].startswith(("sgr", "handback")):
                 v = _parse(r["family"])
-                side = " (output side)" if v["side"] == "output" else ""
+                side = {"output": " (output side)", "handback": " (handback control)"}.get(v["side"], "")
                 groups[f"{v['distance']} {v['mode']}{' ' + v['sched'] if v['sched'] else ''}{side}"].append((v["lam"], r["val"]))
         for label, pts in sorted(groups.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label)
+            color = colors.setdefault(label, plt.cm.tab10(len(colors) % 10))
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=label, color=color)
         for fam, style in (("local", "k--"), ("bp", "k:")):
             for r in rs:
                 if r["family"] == fam:
@@ -181,4 +186,25 @@ def _parse(family: str) -> dict:
     mode_lam = parts[2]
     mode = "ratio" if mode_lam.startswith("ratio") else "fixed"
     return {"distance": parts[1], "mode": mode, "lam": float(mode_lam[len(mode):]),
-            "sched": parts[3] if len(parts) > 3 else "", "side": "output" if parts[0] == "sgrout" else "input"}
+            "sched": parts[3] if len(parts) > 3 else "",
+            "side": {"sgrout": "output", "handback": "handback"}.get(parts[0], "input")}
+
+
+BEGIN, END = "<!-- study_sgr:begin -->", "<!-- study_sgr:end -->"
+
+
+def update_readme(readme: Path, out: Path) -> bool:
+    """Replace the README block between the study markers with ``summary.md`` and the plots
+    (paths relative to the README). False when the README has no such block."""
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        return False
+    rel = out.resolve().relative_to(readme.resolve().parent).as_posix()
+    body = (out / "summary.md").read_text()
+    block = (f"{BEGIN}\n<!-- generated by benchmarks/study_sgr.py --readme from {rel}/study.json; do not edit -->\n"
+             f"{body}\nEvery run, failures included: [{rel}/study.md]({rel}/study.md).\n\n"
+             f"![validation accuracy against strength]({rel}/study_strength.png)\n"
+             f"![validation accuracy against alignment]({rel}/study_alignment.png)\n{END}")
+    head, rest = text.split(BEGIN, 1)
+    readme.write_text(head + block + rest.split(END, 1)[1])
+    return True

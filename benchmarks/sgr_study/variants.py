@@ -14,7 +14,8 @@ class Variant:
     "grad_ratio": lam is the penalty gradient's norm over the loss gradient's, per block).
     schedule: "const"; "warm" (lam ramps up linearly over the first third of training);
     "late" (off for the first half, then on).
-    side: "input" (the penalty trains block k, DESIGN.md) or "output" (it trains block k-1).
+    side: "input" (the penalty trains block k, DESIGN.md), "output" (it trains block k-1) or
+    "handback" (control: block k-1 also descends lam x block k's loss through one boundary).
     """
 
     method: str
@@ -33,7 +34,7 @@ class Variant:
             return f"K{self.K}-local"
         mode = "ratio" if self.lam_mode == "grad_ratio" else "fixed"
         sched = "" if self.schedule == "const" else f"-{self.schedule}"
-        method = "sgr" if self.side == "input" else "sgrout"
+        method = {"input": "sgr", "output": "sgrout", "handback": "handback"}[self.side]
         return f"K{self.K}-{method}-{self.distance}-{mode}{self.lam:g}{sched}"
 
     @property
@@ -69,6 +70,8 @@ def screen_variants(K: int, broad: bool, tiny: bool = False) -> list[Variant]:
         sgr(K, "cosine", "grad_ratio", 0.1),
         sgr(K, "l2", "grad_ratio", 0.1, side="output"),
         sgr(K, "l2", "grad_ratio", 0.3, side="output"),
+        sgr(K, "l2", "grad_ratio", 0.3, side="handback"),
+        sgr(K, "l2", "grad_ratio", 1.0, side="handback"),
     ]
     if broad:
         vs += [
@@ -79,6 +82,8 @@ def screen_variants(K: int, broad: bool, tiny: bool = False) -> list[Variant]:
             sgr(K, "l2", "grad_ratio", 0.3, "late"),
             sgr(K, "cosine", "grad_ratio", 0.3, side="output"),
             sgr(K, "l2", "grad_ratio", 1.0, side="output"),
+            sgr(K, "l2", "grad_ratio", 0.03, side="output"),
+            sgr(K, "l2", "grad_ratio", 0.1, side="handback"),
         ]
     return vs
 

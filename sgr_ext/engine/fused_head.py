@@ -25,7 +25,7 @@ from torch import nn
 
 from sgr_ext.engine.base import accuracy
 from sgr_ext.ops.linear_ce import FUSED_MIN_LOGITS, linear_cross_entropy
-from sgr_ext.reference import accumulate_dtype
+from sgr_ext._tensor_util import accumulate_dtype
 
 # bytes of logits one chunk of the accuracy pass may hold
 _ACCURACY_CHUNK_BYTES = 1 << 24

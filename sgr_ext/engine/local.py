@@ -19,7 +19,7 @@ from sgr_ext.blocks import LocalBlock
 from sgr_ext.engine import fused_head
 from sgr_ext.engine.base import BlockResult, StepConfig, alignment
 from sgr_ext.ops.reconcile import reconcile
-from sgr_ext.reference import accumulate_dtype
+from sgr_ext._tensor_util import accumulate_dtype
 
 _RANDOM_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU)
 _RANDOM_FUNCTIONS = {

@@ -53,3 +53,32 @@ def step(block: LocalBlock, x_prev: torch.Tensor, y: torch.Tensor, a_next: torch
             pass
     share = local.accumulate_penalized(params, [None] * len(params), g_pen, cfg, loss_norm=local.grad_norm(g_loss))
     return penalty.detach(), share
+
+
+def handback_step(block: LocalBlock, x_prev: torch.Tensor, y: torch.Tensor, a_next: torch.Tensor, cfg: StepConfig,
+                  rng: local.replay_rng) -> tuple[torch.Tensor, torch.Tensor]:
+    """``side="handback"``, the control for the output side: no distance at all, block k-1 also
+    descends the next block's loss through one boundary, ``p.grad += lam_k grad_theta l_k`` with
+    grad_theta l_k = J_theta(x_{k-1})^T A_k / B (block k-1 then trains on l_{k-1} + lam_k l_k).
+    Same arguments and RNG/norm-statistics handling as ``step``; returns (<D_{k-1}, A_k> / B,
+    share), D_{k-1} = B dl_{k-1}/dx_{k-1}: the reported "penalty" is their mean inner product.
+    """
+    params = block.trainable_parameters()
+    batch = x_prev.shape[0]
+    resume = local.replay_rng(x_prev.device, active=rng.active)
+    try:
+        with torch.enable_grad(), dual.frozen_norm_stats(block), rng:
+            x = block.module(x_prev.detach())
+            if not x.requires_grad:
+                x.requires_grad_()
+            loss, _ = fused_head.loss_and_accuracy(block.head, x, y, cfg.loss_fn, with_accuracy=False)
+            g = torch.autograd.grad(loss, [x, *params], retain_graph=True, allow_unused=True)
+            g_x, g_loss = g[0], g[1:]
+            g_hand = (torch.autograd.grad(x, params, grad_outputs=a_next / batch, allow_unused=True)
+                      if x.grad_fn is not None else [None] * len(params))
+    finally:
+        with resume:
+            pass
+    share = local.accumulate_penalized(params, [None] * len(params), g_hand, cfg, loss_norm=local.grad_norm(g_loss))
+    inner = (g_x.detach().flatten(1) * a_next.flatten(1)).sum(1).mean()
+    return inner, share
