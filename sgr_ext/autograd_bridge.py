@@ -33,8 +33,8 @@ END_TO_END_MESSAGE = (
 class LocalNetOutput:
     """What ``net(x, y)`` returns.
 
-    loss: 0-dim, the sum over blocks of J_k = l_k + lam * R_k (float64 for a float64 net,
-        else float32); in training mode with grad enabled, ``loss.backward()`` adds the
+    loss: 0-dim, the sum over blocks of J_k = l_k + lam * R_k with the configured lam, for logging
+        (float64 for a float64 net, else float32); in training mode with grad enabled, ``loss.backward()`` adds the
         step's gradients to ``p.grad`` scaled by the gradient that reaches it. In eval mode
         or under no_grad: the sum of the heads' losses l_k, with no graph.
     logits: (B, C) the last head's output on x_K, detached.
