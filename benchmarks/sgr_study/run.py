@@ -104,8 +104,10 @@ def train(arch: str, v: Variant, seed: int, profile, data_path: str,
     if profile.train_limit is not None:
         data = dataclasses.replace(data, x_train=data.x_train[:profile.train_limit],
                                    y_train=data.y_train[:profile.train_limit])
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = Data(*(t.to(dev) for t in dataclasses.astuple(data)))
     torch.manual_seed(seed)
-    model = build(arch)
+    model = build(arch).to(dev)
     net = None
     if v.method != "bp":
         blocks = sgr_ext.split(model, v.K, example_input=data.x_train[:2])
@@ -117,13 +119,15 @@ def train(arch: str, v: Variant, seed: int, profile, data_path: str,
     steps_per_epoch = n // profile.batch_size  # drop the ragged last batch (BatchNorm on tiny batches)
     total = steps_per_epoch * profile.epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=profile.lr, total_steps=total)
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed(seed + 1)  # the epoch order, on the CPU
+    # crops and flips: on a GPU a generator there; on the CPU the same one (the recorded CPU runs used it)
+    aug = gen if dev.type == "cpu" else torch.Generator(device=dev).manual_seed(seed + 2)
     pad = max(1, profile.image_size // 8)
     curve, cos_rows, share_rows, early_share = [], [], [], None
     t0 = time.perf_counter()
     step = 0
     for epoch in range(profile.epochs):
-        order = torch.randperm(n, generator=gen)
+        order = torch.randperm(n, generator=gen).to(dev)
         last, second = epoch == profile.epochs - 1, epoch == 1
         if net is not None:  # alignment and share measured in the 2nd and the last epoch only (they cost)
             net.config = dataclasses.replace(net.config, track_alignment=last or second,
@@ -132,7 +136,7 @@ def train(arch: str, v: Variant, seed: int, profile, data_path: str,
         epoch_shares = []
         for i in range(steps_per_epoch):
             idx = order[i * profile.batch_size:(i + 1) * profile.batch_size]
-            x = random_crop_flip(data.x_train[idx], padding=pad, generator=gen)
+            x = random_crop_flip(data.x_train[idx], padding=pad, generator=aug)
             y = data.y_train[idx]
             opt.zero_grad(set_to_none=True)
             if net is None:
@@ -148,7 +152,7 @@ def train(arch: str, v: Variant, seed: int, profile, data_path: str,
                     share_rows.append(st.penalty_shares)
                 if second:
                     epoch_shares.append(st.penalty_shares)
-            if not all(math.isfinite(p.grad.abs().sum()) for p in params if p.grad is not None):
+            if not math.isfinite(torch.stack([p.grad.abs().sum() for p in params if p.grad is not None]).sum()):
                 raise FloatingPointError(f"{v.name} seed {seed}: non-finite gradient at step {step}")
             opt.step()
             sched.step()

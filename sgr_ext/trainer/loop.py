@@ -400,6 +400,7 @@ class _Run:
                         "step": step, "epoch": epoch + 1, "lr": self.sched.get_last_lr()[0],
                         "lam": self.net.config.lam, "loss": st.losses[-1], "block_train_loss": st.losses,
                         "block_penalty": st.penalties, "cosine": st.cosines, "norm_ratio": st.norm_ratios,
+                        "penalty_share": st.penalty_shares,
                     })
             if st is None or not st.skipped:
                 self.opt.step()
