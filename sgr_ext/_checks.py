@@ -117,3 +117,37 @@ def label_range(name: str, num_classes: int, lo: int, hi: int) -> None:
     """Class labels whose smallest is ``lo`` and largest ``hi`` must lie in [0, num_classes)."""
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"{name}: expected class indices in [0, {num_classes}), got values in [{lo}, {hi}]")
+
+
+def first_layer(module: torch.nn.Module) -> torch.nn.Module:
+    """The first module a ``Sequential`` chain applies (descending into nested ``Sequential``s);
+    ``module`` itself when it is not a ``Sequential``."""
+    while isinstance(module, torch.nn.Sequential) and len(module):
+        module = module[0]
+    return module
+
+
+_CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def layer_input(name: str, x: torch.Tensor, layer: torch.nn.Module, owner: str) -> None:
+    """``x`` must suit ``layer``, the first layer of ``owner``: a floating-point tensor (not raw
+    uint8 pixels) for a Conv or Linear, channels first for a Conv, features last for a Linear."""
+    if not isinstance(layer, _CONVS + (torch.nn.Linear,)):
+        return
+    if not (x.is_floating_point() or x.is_complex()):
+        hint = " (images: x.float() / 255, then normalise)" if x.dtype == torch.uint8 else ""
+        raise TypeError(f"{name}: expected a floating-point tensor ({owner} starts with {layer}), got dtype "
+                        f"{x.dtype}{hint}")
+    if isinstance(layer, torch.nn.Linear):
+        if x.shape[-1] != layer.in_features:
+            raise ValueError(f"{name}: expected (B, ..., {layer.in_features}) inputs ({owner} starts with {layer}), "
+                             f"got shape {tuple(x.shape)}")
+        return
+    dims, layout = next((d, lay) for conv, d, lay in zip(_CONVS, (3, 4, 5), ("B, C, L", "B, C, H, W", "B, C, D, H, W"))
+                        if isinstance(layer, conv))
+    c = layer.in_channels
+    if x.dim() != dims or x.shape[1] != c:
+        hint = " (channels last? use x.movedim(-1, 1))" if x.dim() == dims and x.shape[-1] == c else ""
+        raise ValueError(f"{name}: expected ({layout}) inputs with C = {c} channels first ({owner} starts with "
+                         f"{layer}), got shape {tuple(x.shape)}{hint}")

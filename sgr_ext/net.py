@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgr_ext import _checks, defaults
+from sgr_ext import _checks, autograd_bridge, defaults
 from sgr_ext.blocks import LocalBlock
 from sgr_ext.engine import ENGINES, StepConfig, forward_grad, local, output_side
+from sgr_ext.engine.base import accuracy
 from sgr_ext.engine.pipeline import BlockPipeline, overlap_enabled
 from sgr_ext.nonfinite import NONFINITE_POLICIES, NonFiniteError  # noqa: F401  (public here too)
 from sgr_ext.nonfinite import StepGuard as _StepGuard
@@ -198,11 +199,52 @@ class LocalNet(nn.Module):
     def lam(self) -> float:
         return self.config.lam
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Plain inference: the last head applied to f_K(...f_1(x))."""
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
+        """``net(x)``: plain inference, the last head applied to f_K(...f_1(x)), (B, C).
+        ``net(x, y)``: one local-learning step for an ordinary training loop (``LocalNetOutput``).
+
+        ``net(x, y)`` in training mode with grad enabled runs ``train_step(x, y)`` (every block's
+        local step, activations freed per block) with its gradients set aside, NOT in ``p.grad``;
+        ``out.loss.backward()`` then adds them to ``p.grad`` times the gradient reaching
+        ``out.loss`` (``(s * out.loss).backward()`` adds s times them: GradScaler, ``loss / n_accum``
+        and parameter hooks work as in any loop). ``backward`` only scales: the work was done here.
+        In eval mode or under no_grad, ``net(x, y)`` only evaluates (``loss`` = sum of the heads' l_k).
+        A plain ``net(x)`` in training mode with grad enabled is marked: backpropagating it raises
+        (it would train end to end through the last head only).
+        """
+        if y is not None:
+            if self.training and torch.is_grad_enabled():
+                return self._step_for_backward(x, y)
+            return self._evaluate(x, y)
         for block in self.blocks:
             x = block(x)
-        return self.blocks[-1].head(x)
+        out = self.blocks[-1].head(x)
+        if self.training and isinstance(out, torch.Tensor) and out.requires_grad:
+            out = autograd_bridge.EndToEndTrap.apply(out)
+        return out
+
+    def _step_for_backward(self, x: torch.Tensor, y: torch.Tensor) -> autograd_bridge.LocalNetOutput:
+        return autograd_bridge.step_for_backward(self, lambda hook: self.train_step(x, y, on_block_end=hook), x.device)
+
+    @torch.no_grad()
+    def _evaluate(self, x: torch.Tensor, y: torch.Tensor) -> autograd_bridge.LocalNetOutput:
+        self._check_step_input(x, y)
+        if self.config.loss_fn is F.cross_entropy and y.dtype != torch.int64:
+            y = y.long()
+        losses, accs = [], []
+        for block in self.blocks:
+            x = block(x)
+            out = block.head(x)
+            losses.append(self.config.loss_fn(out, y).reshape(()))
+            accs.append(accuracy(out, y))
+        values = torch.stack([t.double() for t in losses + [a for a in accs if a is not None]]).tolist()
+        k = len(losses)
+        acc_iter = iter(values[k:])
+        stats = StepStats(losses=values[:k], penalties=[0.0] * k,
+                          accuracies=[None if a is None else next(acc_iter) for a in accs],
+                          cosines=[None] * k, norm_ratios=[None] * k, penalty_shares=[None] * k)
+        loss = torch.stack(losses).sum().to(autograd_bridge.loss_dtype(list(self.parameters())))
+        return autograd_bridge.LocalNetOutput(loss=loss, logits=out.detach(), stats=stats)
 
     def _check_step_input(self, x, y) -> None:
         _checks.tensor("x", x)
@@ -210,6 +252,7 @@ class LocalNet(nn.Module):
         p0 = next(self.blocks[0].module.parameters(), None)
         if p0 is not None:
             _checks.module_input("x", x, p0, "blocks[0]")
+        _checks.layer_input("x", x, _checks.first_layer(self.blocks[0].module), "blocks[0]")
         if isinstance(y, torch.Tensor) and y.device != x.device:
             raise ValueError(f"y: expected a tensor on x's device ({x.device}), got {y.device}")
         if self.config.loss_fn is F.cross_entropy:

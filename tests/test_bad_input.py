@@ -327,7 +327,7 @@ CASES = [
     ("data-empty-spec", "data", lambda _: load_dataset(""), ValueError, r"^--data: expected 'digits', an .npz path"),
     ("data-missing-file", "data", lambda tmp: load_dataset(str(tmp / "none.npz")), FileNotFoundError, r"no such file"),
     ("npz-not-zip", "data", lambda tmp: (tmp / "bad.npz").write_bytes(b"not a zip") and load_npz(tmp / "bad.npz"),
-     ValueError, r"not a readable .npz file"),
+     ValueError, r"not a NumPy .npz archive"),
     ("npz-missing-keys", "data",
      lambda tmp: np.savez(tmp / "m.npz", x_train=np.zeros((4, 8, 8))) or load_npz(tmp / "m.npz"), ValueError,
      r"missing arrays \['y_train', 'x_test', 'y_test'\]"),

@@ -65,6 +65,7 @@ def test_train_every_method_on_digits(method, tmp_path):
         assert (tmp_path / name).is_file(), name
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["name"] == res["name"] and saved["dataset"]["name"] == "sklearn-digits-8x8"
+    assert saved["config"]["lam"] == saved["lam"] is not None  # the lambda used, also in the config
     if method == "bp":
         assert res["final_block_test_acc"] == [] and res["blocks"] == 1
     else:

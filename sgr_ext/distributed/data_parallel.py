@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from sgr_ext.distributed.process import _blocking, _global, _group_rank, _start, _wait, require_input_side, shard_batch
 from sgr_ext.distributed.stats_table import _FIELDS, _bad_blocks, _mask_absent, _present, _stat_row, _stats_from_table
+from sgr_ext import autograd_bridge
 from sgr_ext.net import LocalNet, StepStats, eager_step
 from sgr_ext.nonfinite import NonFiniteError, apply_policy, restore_grads, save_grads
 
@@ -94,15 +95,29 @@ class DataParallelLocalNet:
         self.sync_buffers()
 
     # -- the step
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> "autograd_bridge.LocalNetOutput":
+        """``runner(x, y)``: ``train_step`` for an ordinary loop, as ``LocalNet``'s ``net(x, y)``.
+
+        The full-batch (all-reduced) gradients are set aside; ``runner(x, y).loss.backward()``
+        adds them to ``p.grad`` times the gradient reaching ``loss`` (the same on every rank).
+        ``loss`` and ``stats`` are the full batch's; ``logits`` are this rank's shard's.
+        """
+        return autograd_bridge.step_for_backward(
+            self.net, lambda hook: self.train_step(x, y, on_block_end=hook), x.device)
+
     @eager_step
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
-        """One data-parallel step; see the class docstring. Call on every rank with the same batch."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, *, on_block_end=None) -> StepStats:
+        """One data-parallel step; see the class docstring. Call on every rank with the same batch.
+
+        on_block_end: optional ``on_block_end(k, result)`` with this rank's block-k result (its
+        shard's x_k), called before block k's gradients are reduced.
+        """
         if self.shard_input:
             if x.shape[0] < self.world_size:
                 raise ValueError(f"x: a batch of {x.shape[0]} cannot be sharded over {self.world_size} ranks")
             x, y = shard_batch(x, y, self.rank, self.world_size)
         if not self._sync or self.world_size == 1:
-            return self.net.train_step(x, y)
+            return self.net.train_step(x, y, on_block_end=on_block_end)
 
         blocks = self.net.blocks
         n_blocks = len(blocks)
@@ -113,7 +128,9 @@ class DataParallelLocalNet:
         results: dict = {}
         extras: list = []
 
-        def on_block_end(k: int, r) -> None:
+        def reduce_block(k: int, r) -> None:
+            if on_block_end is not None:
+                on_block_end(k, r)
             results[k] = r.statistics()
             groups: dict = {}
             for p in blocks[k].trainable_parameters():
@@ -136,7 +153,7 @@ class DataParallelLocalNet:
                                                     group=self.group, async_op=True)))
 
         try:
-            self.net.train_step(x, y, on_block_end=on_block_end)
+            self.net.train_step(x, y, on_block_end=reduce_block)
         except NonFiniteError:  # every block ran and launched its reduction: the policy is applied below
             pass
         if not extras:

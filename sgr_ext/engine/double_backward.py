@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 
 from sgr_ext.blocks import LocalBlock
-from sgr_ext.engine import local
-from sgr_ext.engine.base import BlockResult, StepConfig, accuracy, alignment
+from sgr_ext.engine import fused_head, local
+from sgr_ext.engine.base import BlockResult, StepConfig, alignment
 from sgr_ext.ops.reconcile import reconcile
 
 
@@ -38,8 +38,7 @@ def step(
     x = block.module(u)
     if need_output_grad and not x.requires_grad:
         x.requires_grad_()  # a parameter-free module on a constant input: x is a leaf
-    logits = block.head(x)
-    loss = cfg.loss_fn(logits, y)
+    loss, acc = fused_head.loss_and_accuracy(block.head, x, y, cfg.loss_fn)
     params = block.trainable_parameters()
 
     wrt = ([x] if need_output_grad else []) + ([u] if need_input_grad else [])
@@ -68,7 +67,7 @@ def step(
         output_grad=d_out,
         loss=loss.detach(),
         penalty=penalty.detach(),
-        accuracy=accuracy(logits, y),
+        accuracy=acc,
         cosine=cos,
         norm_ratio=ratio,
         share=share,

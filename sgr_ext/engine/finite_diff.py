@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from sgr_ext.blocks import LocalBlock
-from sgr_ext.engine import dual, local
+from sgr_ext.engine import dual, fused_head, local
 from sgr_ext.engine.base import BlockResult, StepConfig, alignment
 from sgr_ext._tensor_util import accumulate_dtype
 
@@ -161,11 +161,9 @@ def step(
                 else:
                     u2 = u.detach() + (w * h).to(u.dtype)
                 del w
-                logits2 = block.head(block.module(u2))
+                loss2, _ = fused_head.loss_and_accuracy(block.head, block.module(u2), y, cfg.loss_fn, with_accuracy=False)
             del masks
             with torch.enable_grad():
-                loss2 = cfg.loss_fn(logits2, y)
-                del logits2
                 del u2
                 g2 = torch.autograd.grad(loss2, params, allow_unused=True)
                 del loss2

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgr_ext.blocks import LocalBlock
-from sgr_ext.engine.base import BlockResult, StepConfig, accuracy, alignment
+from sgr_ext.engine import fused_head
+from sgr_ext.engine.base import BlockResult, StepConfig, alignment
 from sgr_ext.ops.reconcile import reconcile
 from sgr_ext._tensor_util import accumulate_dtype
 
@@ -118,10 +119,7 @@ def first_pass(block: LocalBlock, x_prev: torch.Tensor, y: torch.Tensor, cfg: St
         x = block.module(u)
         if need_output_grad and not x.requires_grad:
             x.requires_grad_()  # the block output does not depend on its input
-        logits = block.head(x)
-    loss = cfg.loss_fn(logits, y)
-    acc = accuracy(logits, y)
-    del logits
+        loss, acc = fused_head.loss_and_accuracy(block.head, x, y, cfg.loss_fn)
     params = list(params)
     extra = [u] + ([x] if need_output_grad and x is not u else [])
     grads = list(torch.autograd.grad(loss, params + extra, allow_unused=True))
@@ -225,10 +223,9 @@ def step(
         x = block.module(u)
         if need_output_grad and not x.requires_grad:
             x.requires_grad_()  # a parameter-free module on a constant input: x is a leaf
-        logits = block.head(x)
+        loss, acc = fused_head.loss_and_accuracy(block.head, x, y, cfg.loss_fn)
         # x_k is final once the head has run (a head may work on it in place)
         ready = None if need_output_grad else ready_event(x)
-        loss = cfg.loss_fn(logits, y)
         params = block.trainable_parameters()
         inputs = list(params) + ([x] if need_output_grad else []) + ([u] if need_input_grad else [])
         d_out = a = None
@@ -249,7 +246,7 @@ def step(
         output_grad=None if d_out is None else d_out.detach(),
         loss=loss.detach(),
         penalty=loss.new_zeros(()).detach(),
-        accuracy=accuracy(logits, y),
+        accuracy=acc,
         cosine=cos,
         norm_ratio=ratio,
         ready=ready,

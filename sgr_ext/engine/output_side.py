@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from sgr_ext.blocks import LocalBlock
-from sgr_ext.engine import dual, local
+from sgr_ext.engine import dual, fused_head, local
 from sgr_ext.engine.base import StepConfig
 from sgr_ext.ops.reconcile import reconcile
 
@@ -42,7 +42,7 @@ def step(block: LocalBlock, x_prev: torch.Tensor, y: torch.Tensor, a_next: torch
             x = block.module(x_prev.detach())
             if not x.requires_grad:
                 x.requires_grad_()  # a parameter-free module on a constant input
-            loss = cfg.loss_fn(block.head(x), y)
+            loss, _ = fused_head.loss_and_accuracy(block.head, x, y, cfg.loss_fn, with_accuracy=False)
             (g_x,) = torch.autograd.grad(loss, x, create_graph=True)
             penalty = reconcile(g_x * batch, a_next, distance=cfg.distance, eps=cfg.eps)
             g_loss = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
@@ -71,7 +71,7 @@ def handback_step(block: LocalBlock, x_prev: torch.Tensor, y: torch.Tensor, a_ne
             x = block.module(x_prev.detach())
             if not x.requires_grad:
                 x.requires_grad_()
-            loss = cfg.loss_fn(block.head(x), y)
+            loss, _ = fused_head.loss_and_accuracy(block.head, x, y, cfg.loss_fn, with_accuracy=False)
             g = torch.autograd.grad(loss, [x, *params], retain_graph=True, allow_unused=True)
             g_x, g_loss = g[0], g[1:]
             g_hand = (torch.autograd.grad(x, params, grad_outputs=a_next / batch, allow_unused=True)

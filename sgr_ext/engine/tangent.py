@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from sgr_ext.blocks import LocalBlock
-from sgr_ext.engine import dual, local
+from sgr_ext.engine import dual, fused_head, local
 from sgr_ext.engine.base import BlockResult, StepConfig, alignment
 from sgr_ext._tensor_util import accumulate_dtype
 
@@ -94,17 +94,13 @@ def step(
             with dual.frozen_norm_stats(block), rng:
                 out = dual.run_module(block.module, z)
                 del z
-                if isinstance(out, dual.Dual):
-                    head_out = dual.run_module(block.head, out)
-                else:  # the block output does not depend on its input
-                    head_out = block.head(out)
+                l, ldot = _tangent_terms(block, out, y, cfg)
                 del out
-                if isinstance(head_out, dual.Dual):
-                    l, ldot = dual.dual_loss(head_out, y, cfg.loss_fn)
+                if ldot is None:  # no penalty gradient
+                    objective = None if split else l
+                else:
                     objective = ldot * (batch / s) if split else l + ldot * (cfg.lam * batch / s)
-                else:  # no penalty gradient
-                    objective = None if split else cfg.loss_fn(head_out, y)
-                del head_out
+                del l, ldot
             if split:
                 g_pen = [None] * len(params)
                 if objective is not None and objective.requires_grad:
@@ -125,3 +121,23 @@ def step(
         ready=ready,
         share=share,
     )
+
+
+def _tangent_terms(block: LocalBlock, out, y: torch.Tensor, cfg: StepConfig):
+    """(l, ldot) of the head on the block output ``out``, a ``dual.Dual`` (primal and tangent);
+    ldot is None when the head output carries no tangent (or ``out`` is a plain tensor: the
+    block output does not depend on its input)."""
+    if not isinstance(out, dual.Dual):
+        return cfg.loss_fn(block.head(out), y), None
+    fused = fused_head.fused_parts(block.head, out.shape[0], cfg.loss_fn)
+    if fused is None:
+        head_out = dual.run_module(block.head, out)
+    else:  # the last Linear and the loss in one op: no (N, V) logits
+        body, linear = fused
+        h = dual.run_module(body, out) if body is not None else out
+        if isinstance(h, dual.Dual) and h.ndim == 2:
+            return fused_head.dual_loss(h.primal, h.tangent, linear, y)
+        head_out = dual.run_module(linear, h) if isinstance(h, dual.Dual) else linear(h)
+    if isinstance(head_out, dual.Dual):
+        return dual.dual_loss(head_out, y, cfg.loss_fn)
+    return cfg.loss_fn(head_out, y), None

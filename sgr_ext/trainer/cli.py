@@ -14,6 +14,7 @@ from sgr_ext.net import NONFINITE_POLICIES
 from sgr_ext.trainer import archs
 from sgr_ext.trainer.config import (AUGMENTS, DEFAULT_LAM, GRADS, METHODS, OPTIMIZERS, PARALLEL, SCHEDULES, TrainConfig,
                                     TrainingDiverged)
+from sgr_ext.trainer.streaming import LOADERS
 
 EXAMPLES = """examples:
   sgr-ext train --arch resnet32 --modules 8 --method sgr --lam 0.1 --data .data/cifar10_subset.npz --out runs/r32-k8-sgr
@@ -137,8 +138,14 @@ def register(subparsers) -> None:
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default=d.data,
-                   help="'digits' (embedded 8x8 digits), an .npz with x_train/y_train/x_test/y_test, "
-                   "or a CIFAR-10 directory (torchvision layout, not downloaded) (default %(default)s)")
+                   help="'digits' (embedded 8x8 digits), an .npz with x_train/y_train/x_test/y_test, or an image "
+                   "directory: CIFAR-10's python batches (DIR/cifar-10-batches-py/) or an ImageFolder tree "
+                   "(DIR/train/<class>/*, DIR/test/<class>/* or DIR/val/...); nothing is downloaded (default %(default)s)")
+    g.add_argument("--loader", default=d.loader, choices=LOADERS,
+                   help="image directories: auto loads a set whose decoded images fit in 2 GiB into (device) "
+                   "memory and streams a larger one through a DataLoader; memory; stream (default %(default)s)")
+    g.add_argument("--workers", type=_int_at_least(0), default=None, metavar="N",
+                   help="DataLoader worker processes that decode a streamed directory (default: CPUs - 1, at most 8)")
     g.add_argument("--augment", default=d.augment, choices=AUGMENTS,
                    help="auto: random crop (pad 4) + flip for RGB images >= 16 px, none for digits (default %(default)s)")
     g.add_argument("--train-subset", type=_int_at_least(2), default=None, metavar="N", help="use the first N training images")

@@ -11,6 +11,7 @@ from typing import Optional
 from sgr_ext import _checks, defaults
 from sgr_ext.net import NONFINITE_POLICIES
 from sgr_ext.trainer import archs
+from sgr_ext.trainer.streaming import LOADERS
 
 
 METHODS = ("bp", "local", "sgr", "sgr-fast")
@@ -73,6 +74,8 @@ class TrainConfig:
     grad: str = "backward"  # "forward": BP-free forward-gradient engine (sgr_ext.engine.forward_grad)
     num_tangents: int = 1  # grad="forward": tangent draws averaged per estimate
     nonfinite: str = "raise"  # LocalNet's policy for NaN/Inf: raise (stop the run), skip (the step), warn
+    loader: str = "auto"  # image directories: auto (whole when small), memory or stream (a DataLoader)
+    workers: Optional[int] = None  # DataLoader worker processes for a streamed directory (None: CPUs - 1, <= 8)
     # distributed (under torchrun; ignored otherwise except for checks)
     parallel: str = "auto"  # auto: data when WORLD_SIZE > 1, else none
     micro_batches: int = 4  # module parallel: micro-batches per global batch
@@ -92,6 +95,10 @@ class TrainConfig:
         _checks.choice("--schedule", self.schedule, SCHEDULES)
         _checks.choice("--optimizer", self.optimizer, OPTIMIZERS)
         _checks.choice("--augment", self.augment, AUGMENTS)
+        _checks.choice("--loader", self.loader, LOADERS)
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 0):
+            raise ValueError(f"--workers: expected an int >= 0, got {self.workers!r}")
         _checks.distance(self.distance)
         if self.lam_mode is not None:
             _checks.choice("--lam-mode", self.lam_mode, ("fixed", "grad_ratio"))

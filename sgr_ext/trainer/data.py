@@ -7,6 +7,7 @@ on device tensors (``sgr_ext.trainer.augment``).
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -73,16 +74,40 @@ def load_npz(path) -> TensorDataset:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data: no such file: {path}")
+    if not zipfile.is_zipfile(path):  # np.load would try it as .npy, then as a pickle
+        raise ValueError(f"--data {path}: not a NumPy .npz archive (expected a file written by numpy.savez "
+                         f"with arrays {list(NPZ_KEYS)})")
     try:
         with np.load(path, allow_pickle=False) as z:
             files = list(z.files)
             arrays = {k: z[k] for k in NPZ_KEYS if k in files}
-    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError, pickled/.npy data ...
-        raise ValueError(f"--data {path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:  # object arrays: loading them would run pickled code
+        raise ValueError(f"--data {path}: holds object (pickled) arrays, which are never loaded; expected "
+                         f"numeric arrays {list(NPZ_KEYS)} ({exc.__class__.__name__})") from None
+    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError ...
+        raise ValueError(f"--data {path}: not a readable .npz archive ({type(exc).__name__}: {exc})") from None
     missing = [k for k in NPZ_KEYS if k not in arrays]
     if missing:
         raise ValueError(f"--data {path}: missing arrays {missing}; expected {list(NPZ_KEYS)}, found {files}")
     return from_arrays(path.stem, *(arrays[k] for k in NPZ_KEYS))
+
+
+CIFAR_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch")
+
+
+def is_cifar_dir(root: Path) -> bool:
+    return all((root / "cifar-10-batches-py" / f).is_file() for f in CIFAR_FILES)
+
+
+def cifar10_splits(root: Path):
+    """torchvision's CIFAR10 train and test sets of ``root`` (holding cifar-10-batches-py/), never downloaded."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        return CIFAR10(str(root), train=True, download=False), CIFAR10(str(root), train=False, download=False)
+    except RuntimeError:  # torchvision's checksum test failed (its message suggests download=True)
+        raise ValueError(f"--data {root}: the CIFAR-10 batches in cifar-10-batches-py/ fail their checksums "
+                         "(damaged or not CIFAR-10's python version); extract the archive again") from None
 
 
 def load_cifar10_dir(root) -> TensorDataset:
@@ -93,27 +118,26 @@ def load_cifar10_dir(root) -> TensorDataset:
     root = Path(root)
     if root.name == "cifar-10-batches-py":
         root = root.parent
-    from torchvision.datasets import CIFAR10
-
-    try:
-        train = CIFAR10(str(root), train=True, download=False)
-        test = CIFAR10(str(root), train=False, download=False)
-    except RuntimeError as exc:
-        raise FileNotFoundError(
-            f"--data {root}: no valid CIFAR-10 python batches (cifar-10-batches-py/) found ({exc})"
-        ) from None
+    train, test = cifar10_splits(root)
     return from_arrays("cifar10", train.data, np.asarray(train.targets), test.data, np.asarray(test.targets), 10)
 
 
-def load_dataset(spec: str = "digits") -> TensorDataset:
-    """``"digits"`` (embedded), a path to an ``.npz``, or a CIFAR-10 directory."""
+def load_dataset(spec: str = "digits", *, loader: str = "auto", image_size=None, workers=None):
+    """``"digits"`` (embedded), a path to an ``.npz``, or an image directory (CIFAR-10 python
+    batches or an ImageFolder tree, ``sgr_ext.trainer.streaming``).
+
+    Returns a ``TensorDataset``, or for a directory too large for memory (or ``loader="stream"``)
+    a ``streaming.ImageSource``; ``image_size`` and ``workers`` apply to directories only.
+    """
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"--data: expected 'digits', an .npz path or a CIFAR-10 directory, got {spec!r}")
+        raise ValueError(f"--data: expected 'digits', an .npz path or an image directory, got {spec!r}")
     if spec == "digits":
         return load_digits()
     path = Path(spec).expanduser()
     if path.is_dir():
-        return load_cifar10_dir(path)
+        from sgr_ext.trainer import streaming
+
+        return streaming.load_image_dir(path, loader, image_size, workers)
     if path.suffix == ".npz" or path.is_file():
         return load_npz(path)
     raise FileNotFoundError(f"--data: no such file or directory: {spec}")

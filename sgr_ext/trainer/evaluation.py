@@ -34,8 +34,12 @@ def _per_block_mean(rows: list[list[Optional[float]]], n_blocks: int) -> list[Op
 def evaluate(model: nn.Module, net: Optional[LocalNet], x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
              prepare, autocast) -> tuple[float, list[float]]:
     """Test accuracy of the model and of every block's head (empty list for global BP)."""
-    correct = _eval_correct(model, net, x, y, batch_size=batch_size, prepare=prepare, autocast=autocast)
+    correct = _eval_correct(model, net, _slices(x, y, batch_size), x.device, prepare=prepare, autocast=autocast)
     return _accuracies(correct, len(x), net is not None)
+
+
+def _slices(x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    return ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size))
 
 
 def _accuracies(correct: torch.Tensor, n: int, local: bool) -> tuple[float, list[float]]:
@@ -44,17 +48,16 @@ def _accuracies(correct: torch.Tensor, n: int, local: bool) -> tuple[float, list
 
 
 @torch.no_grad()
-def _eval_correct(model: nn.Module, net: Optional[LocalNet], x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
-                  prepare, autocast) -> torch.Tensor:
-    """Correctly classified samples of (x, y): per block's head (LocalNet) or of the model, on x's device."""
+def _eval_correct(model: nn.Module, net: Optional[LocalNet], batches, device: torch.device, *, prepare,
+                  autocast) -> torch.Tensor:
+    """Correctly classified samples of the (x, y) ``batches``: per block's head (LocalNet) or of the model."""
     trained = net if net is not None else model
     was_training = trained.training
     trained.eval()
-    n = len(x)
-    correct = torch.zeros((len(net.blocks) if net is not None else 1,), dtype=torch.long, device=x.device)
+    correct = torch.zeros((len(net.blocks) if net is not None else 1,), dtype=torch.long, device=device)
     try:
-        for i in range(0, n, batch_size):
-            xb, yb = prepare(x[i : i + batch_size]), y[i : i + batch_size]
+        for xb, yb in batches:
+            xb = prepare(xb)
             with autocast():
                 if net is None:
                     correct[0] += (model(xb).argmax(1) == yb).sum()

@@ -40,8 +40,9 @@ from sgr_ext.split import model_units, split
 from sgr_ext.trainer import archs, checkpoint, metrics
 from sgr_ext.trainer.augment import random_crop_flip
 from sgr_ext.trainer.data import load_dataset, match_channels, subset
+from sgr_ext.trainer.streaming import ImageSource
 from sgr_ext.trainer.config import CHECKPOINT_NAME, TrainConfig, TrainingDiverged
-from sgr_ext.trainer.evaluation import _accuracies, _eval_correct, _mean, _per_block_mean, _without_blocks, evaluate
+from sgr_ext.trainer.evaluation import _accuracies, _eval_correct, _mean, _per_block_mean, _slices, _without_blocks
 from sgr_ext.trainer.resume import _check_resume_compatible, _resume_path
 from sgr_ext.trainer.runtime import (_batches, _make_optimizer, _make_scheduler, derived_seed, deterministic_mode,
                                      resolve_device, seed_everything)
@@ -102,22 +103,34 @@ class _Run:
             warnings.warn("--amp: bf16 autocast is only used on CUDA; training in float32 on CPU", stacklevel=3)
 
         # ---- data
-        data = dataset if dataset is not None else load_dataset(cfg.data)
-        data = subset(data, cfg.train_subset, cfg.test_subset)
+        # in (device) memory, or an image directory streamed through a DataLoader
+        data = dataset if dataset is not None else load_dataset(
+            cfg.data, loader=cfg.loader, image_size=cfg.image_size, workers=cfg.workers)
         spec = archs.ARCHS[cfg.arch]
-        data = match_channels(data, spec.channels)
-        self.data = data.to(device) if data.x_train.device != device else data
-        if len(self.data.x_train) < 2:
-            raise ValueError(f"--train-subset: expected at least 2 training images, got {len(self.data.x_train)}")
-        h, w = self.data.x_train.shape[-2:]
+        if isinstance(data, ImageSource):
+            self.stream: Optional[ImageSource] = data
+            self.n_train = min(data.train_len, cfg.train_subset or data.train_len)
+            self.n_test = min(data.test_len, cfg.test_subset or data.test_len)
+            if data.shape[0] != spec.channels:
+                raise ValueError(f"--arch: {cfg.arch} expects {spec.channels}-channel images, the data has "
+                                 f"{data.shape[0]} channels")
+            self.data, sample_shape = data, data.shape
+        else:
+            self.stream = None
+            data = match_channels(subset(data, cfg.train_subset, cfg.test_subset), spec.channels)
+            self.data = data.to(device) if data.x_train.device != device else data
+            self.n_train, self.n_test, sample_shape = len(self.data.x_train), len(self.data.x_test), self.data.x_train.shape[1:]
+        if self.n_train < 2:
+            raise ValueError(f"--train-subset: expected at least 2 training images, got {self.n_train}")
+        h, w = sample_shape[-2:]
         self.image_size = archs.image_size_for(cfg.arch, max(h, w), cfg.image_size)
         self.resize = (h, w) != (self.image_size, self.image_size)
         aug = cfg.augment
         if aug == "auto":  # crop+flip for natural images (CIFAR); none for 8x8 digits, where flips change the class
-            aug = "crop-flip" if min(h, w) >= 16 and self.data.x_train.shape[1] == 3 else "none"
+            aug = "crop-flip" if min(h, w) >= 16 and sample_shape[0] == 3 else "none"
         self.augment = aug
-        self.data_fp = {"name": self.data.name, "train": len(self.data.x_train), "test": len(self.data.x_test),
-                        "shape": list(self.data.x_train.shape[1:]), "classes": self.data.num_classes}
+        self.data_fp = {"name": self.data.name, "train": self.n_train, "test": self.n_test,
+                        "shape": list(sample_shape), "classes": self.data.num_classes}
 
         # ---- model
         seed_everything(cfg.seed)
@@ -131,7 +144,7 @@ class _Run:
             if cfg.modules > n_units:
                 raise ValueError(f"--modules: {cfg.arch} has {n_units} splittable units, so K must be at most "
                                  f"{n_units}, got {cfg.modules}")
-            example = torch.zeros(2, self.data.x_train.shape[1], self.image_size, self.image_size, device=device)
+            example = torch.zeros(2, sample_shape[0], self.image_size, self.image_size, device=device)
             blocks = split(self.model, cfg.modules, example_input=example)
             self.net = LocalNet(blocks, **cfg.localnet_kwargs())
             self.net.to(device)
@@ -166,7 +179,7 @@ class _Run:
                               "on its own (rank 0 writes the results)", stacklevel=3)
         else:
             self.is_logger = bool(getattr(self.runner, "is_logging_rank", self.rank == 0))
-        self.batches = _batches(len(self.data.x_train), cfg.batch_size, min_last)
+        self.batches = _batches(self.n_train, cfg.batch_size, min_last)
         self.total_steps = cfg.epochs * len(self.batches)
         # Module parallel: each stage's optimizer steps its own blocks only.
         self.opt = _make_optimizer(cfg, self.runner.parameters() if self.runner is not None else self.trained.parameters())
@@ -208,14 +221,36 @@ class _Run:
 
     def _evaluate(self) -> tuple[float, list[float]]:
         """Test accuracy; under torchrun each rank evaluates its slice of the test set and the counts are summed."""
-        x, y = self.data.x_test, self.data.y_test
-        kw = dict(batch_size=self.cfg.eval_batch_size, prepare=self.prepare, autocast=self.autocast)
-        if self.parallel == "none":
-            return evaluate(self.model, self.net, x, y, **kw)
-        xs, ys = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
-        correct = _eval_correct(self.model, self.net, xs, ys, **kw)
-        self._collective(torch.distributed.all_reduce, "evaluation all-reduce", correct)
-        return _accuracies(correct, len(x), self.net is not None)
+        n, bs, split = self.n_test, self.cfg.eval_batch_size, self.parallel != "none"
+        if self.stream is None:
+            x, y = self.data.x_test, self.data.y_test
+            if split:
+                x, y = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
+            batches = _slices(x, y, bs)
+        else:
+            share = torch.arange(n).tensor_split(self.world)[self.rank] if split else torch.arange(n)
+            batches = self._streamed("test", [share[i:i + bs].tolist() for i in range(0, len(share), bs)])
+        correct = _eval_correct(self.model, self.net, batches, self.device, prepare=self.prepare,
+                                autocast=self.autocast)
+        if split:
+            self._collective(torch.distributed.all_reduce, "evaluation all-reduce", correct)
+        return _accuracies(correct, n, self.net is not None)
+
+    def _streamed(self, split: str, index_lists):
+        """Batches of the streamed directory on the device (pinned host memory on CUDA)."""
+        pin = self.device.type == "cuda"
+        for x, y in self.stream.batches(split, index_lists, pin_memory=pin):
+            yield x.to(self.device, non_blocking=pin), y.to(self.device, non_blocking=pin)
+
+    def _train_batches(self, order: torch.Tensor):
+        """(x, y) of each of ``self.batches`` in the epoch's ``order``, on the device."""
+        if self.stream is not None:
+            yield from self._streamed("train", [order[lo:hi].tolist() for lo, hi in self.batches])
+            return
+        order = order.to(self.device)
+        for lo, hi in self.batches:
+            idx = order[lo:hi]
+            yield self.data.x_train[idx], self.data.y_train[idx]
 
     def autocast(self):
         if self.use_amp:
@@ -325,9 +360,8 @@ class _Run:
 
     def _train_epoch(self, epoch: int, bar) -> dict:
         cfg, dev = self.cfg, self.device
-        n = len(self.data.x_train)
+        n = self.n_train
         order = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(cfg.seed, "order", epoch)))
-        order = order.to(dev)
         aug_gen = torch.Generator(device=dev).manual_seed(derived_seed(cfg.seed, "augment", epoch))
         if self.parallel == "data" and self.rank > 0:
             # The global RNG draws the forward-gradient tangents (and dropout masks) of this rank's
@@ -342,10 +376,8 @@ class _Run:
         # it synchronises around every step
         peak = PeakMemory(dev) if cfg.peak_memory else None
         t0 = time.perf_counter()
-        for i, (lo, hi) in enumerate(self.batches):
+        for i, (x, y) in enumerate(self._train_batches(order)):
             step = epoch * len(self.batches) + i
-            idx = order[lo:hi]
-            x, y = self.data.x_train[idx], self.data.y_train[idx]
             if self.augment == "crop-flip":
                 x = random_crop_flip(x, padding=4, flip=True, generator=aug_gen)
             elif self.augment == "flip":
@@ -486,7 +518,7 @@ class _Run:
             "complete": complete,
             "epochs_done": len(h),
             "resumed_at_epoch": self.start_epoch if self.saved is not None else None,
-            "config": dataclasses.asdict(self.cfg),
+            "config": {**dataclasses.asdict(self.cfg), "lam": self.cfg.lam_value},  # the lambda used, not None
             "lam": self.cfg.lam_value,
             "dataset": self.data_fp,
             "image_size": self.image_size,

@@ -98,6 +98,8 @@ def _series(rows: Sequence[dict], key: str, k: int) -> list[Optional[float]]:
 
 def _plot_masked(ax, xs, ys, **kw):
     pts = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+    if len(pts) == 1 and "marker" not in kw:
+        kw["marker"] = "o"  # a line through one point draws nothing (a one-epoch run)
     if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], **kw)
         return True
