@@ -69,13 +69,20 @@ def handback_step(block: LocalBlock, x_prev: torch.Tensor, y: torch.Tensor, a_ne
     try:
         with torch.enable_grad(), dual.frozen_norm_stats(block), rng:
             x = block.module(x_prev.detach())
-            if not x.requires_grad:
-                x.requires_grad_()
-            loss, _ = fused_head.loss_and_accuracy(block.head, x, y, cfg.loss_fn, with_accuracy=False)
-            g = torch.autograd.grad(loss, [x, *params], retain_graph=True, allow_unused=True)
-            g_x, g_loss = g[0], g[1:]
-            g_hand = (torch.autograd.grad(x, params, grad_outputs=a_next / batch, allow_unused=True)
-                      if x.grad_fn is not None else [None] * len(params))
+            # the head on a cut copy of x: its graph is freed by the first backward, and the
+            # module's graph serves the two vector-Jacobian products below
+            x_cut = x.detach().requires_grad_()
+            loss, _ = fused_head.loss_and_accuracy(block.head, x_cut, y, cfg.loss_fn, with_accuracy=False)
+            g = torch.autograd.grad(loss, [x_cut, *params], allow_unused=True)
+            del loss
+            g_x, g_loss = g[0], list(g[1:])
+            if g_x is None:
+                g_x = torch.zeros_like(x_cut)
+            g_hand = [None] * len(params)
+            if x.grad_fn is not None:
+                g_mod = torch.autograd.grad(x, params, grad_outputs=g_x, retain_graph=True, allow_unused=True)
+                g_hand = torch.autograd.grad(x, params, grad_outputs=a_next / batch, allow_unused=True)
+                g_loss = [a if b is None else (b if a is None else a + b) for a, b in zip(g_loss, g_mod)]
     finally:
         with resume:
             pass
