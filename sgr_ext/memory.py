@@ -30,6 +30,12 @@ class PeakMemory:
     def peak_mb(self) -> float:
         return self.peak_bytes / 2**20
 
+    @property
+    def held_bytes(self) -> int:
+        """CPU: bytes saved for backward inside the region that are still alive (0 once every
+        graph the region built is gone; more means something keeps a graph)."""
+        return self._current
+
     def __enter__(self) -> "PeakMemory":
         if self.metric == "cuda_max_allocated":
             torch.cuda.synchronize(self.device)
@@ -50,6 +56,9 @@ class PeakMemory:
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         if isinstance(t, nn.Parameter) or t.device.type != "cpu":
             return t
+        # keep a detached alias: returning ``t`` itself would let a node that saves its own output
+        # hold its output's grad_fn, i.e. itself, and a branch never backpropagated would leak
+        t = t.detach()
         storage = t.untyped_storage()
         key = storage.data_ptr()
         entry = self._live.get(key)
