@@ -358,8 +358,9 @@ class DataParallelLocalNet:
         host = torch.cat([vec.double(), torch.stack(flags).double() if flags else vec.new_zeros(0)]).cpu()
         n_stats = n_blocks * len(_FIELDS)
         total = float(host[n_stats])
-        table = _mask_absent(host[:n_stats].reshape(n_blocks, len(_FIELDS)) / total, present)
-        bad = _bad_blocks(table, input_bad=float(host[n_stats + 1]) > 0)
+        raw = host[:n_stats].reshape(n_blocks, len(_FIELDS)) / total  # absent statistics hold the loss
+        bad = _bad_blocks(raw, input_bad=float(host[n_stats + 1]) > 0)
+        table = _mask_absent(raw, present)
         for (k, *_), flag in zip(buckets, host[n_stats + 2:].tolist()):
             if flag and "gradient" not in bad.setdefault(k, []):
                 bad[k].append("gradient")
@@ -405,13 +406,14 @@ def _stat_row(r) -> torch.Tensor:
 
 
 def _mask_absent(table: torch.Tensor, present) -> torch.Tensor:
-    """Absent statistics -> NaN (CPU float64). Loss and penalty are always present."""
+    """Absent statistics -> NaN (CPU float64). The loss is always present."""
     mask = torch.tensor(present, dtype=torch.bool)
     return table.double().cpu().masked_fill(~mask, float("nan"))
 
 
 def _bad_blocks(table: torch.Tensor, input_bad: bool = False) -> dict:
-    """{block: [what, ...]} for non-finite input (block 0), loss or penalty in a statistics table."""
+    """{block: [what, ...]} for non-finite input (block 0), loss or penalty in a statistics table
+    (before ``_mask_absent``: an absent penalty holds the loss)."""
     bad: dict = {}
     if input_bad:
         bad.setdefault(0, []).append("input")
@@ -423,11 +425,11 @@ def _bad_blocks(table: torch.Tensor, input_bad: bool = False) -> dict:
 
 
 def _stats_from_table(table: torch.Tensor) -> StepStats:
-    """StepStats from a (blocks, 5) CPU table, NaN = absent (loss and penalty are kept as they are)."""
+    """StepStats from a (blocks, 5) CPU table, NaN = absent (the loss is kept as it is)."""
     stats = StepStats()
     for row in table.tolist():
         stats.losses.append(row[0])
-        stats.penalties.append(row[1])
+        stats.penalties.append(None if row[1] != row[1] else row[1])
         stats.accuracies.append(None if row[2] != row[2] else row[2])
         stats.cosines.append(None if row[3] != row[3] else row[3])
         stats.norm_ratios.append(None if row[4] != row[4] else row[4])
@@ -695,7 +697,7 @@ class PipelineStage:
         host = torch.cat([torch.stack(rows).double().flatten(), torch.stack(flags).double()]).cpu()
         n_own = len(self.owned)
         own = host[: m * n_own * len(_FIELDS)].reshape(m, n_own, len(_FIELDS))
-        own = _mask_absent((own * weights[:, None, None]).sum(0), present)
+        own = (own * weights[:, None, None]).sum(0)  # absent statistics hold the loss
         bits = torch.zeros(n_own, 1, dtype=torch.float64)
         fl = host[m * n_own * len(_FIELDS):].tolist()
         for i in range(n_own):
@@ -704,7 +706,7 @@ class PipelineStage:
             bits[0, 0] += 1.0
         for i, row in enumerate(own.tolist()):
             bits[i, 0] += 2.0 * (not math.isfinite(row[0])) + 4.0 * (not math.isfinite(row[1]))
-        table = torch.cat([own, bits], dim=1)
+        table = torch.cat([_mask_absent(own, present), bits], dim=1)
         if not self.is_first:
             earlier = self._take(self._irecv((self.start, len(_FIELDS) + 1), torch.float64, _TAG_STATS), "statistics")
             table = torch.cat([earlier.cpu(), table])

@@ -45,7 +45,8 @@ class NonFiniteError(FloatingPointError):
 class StepStats:
     """Per-block statistics of one ``train_step``, index k = block k (0-based).
 
-    losses: l_k.  penalties: R_k (``penalties[0] == 0.0``).  accuracies: fraction of the
+    losses: l_k.  penalties: R_k, None where it was not computed (block 0; lam == 0 without
+    ``track_alignment``): an absent penalty is not a perfect reconciliation.  accuracies: fraction of the
     batch each head classifies right (None where the head is not a classifier).
     cosines, norm_ratios: mean cos(A_k, D_{k-1}) and |A_k| / |D_{k-1}| per boundary,
     None where A_k was not computed (block 0; lam == 0 without ``track_alignment``).
@@ -55,7 +56,7 @@ class StepStats:
     """
 
     losses: list[float] = field(default_factory=list)
-    penalties: list[float] = field(default_factory=list)
+    penalties: list[Optional[float]] = field(default_factory=list)
     accuracies: list[Optional[float]] = field(default_factory=list)
     cosines: list[Optional[float]] = field(default_factory=list)
     norm_ratios: list[Optional[float]] = field(default_factory=list)
@@ -400,7 +401,7 @@ class _StepGuard:
             flags = [
                 put(self.input_bad) if k == 0 else None,
                 put(~torch.isfinite(r.loss)),
-                put(~torch.isfinite(r.penalty)),
+                put(None if r.penalty is None else ~torch.isfinite(r.penalty)),
                 put(self.d_bad[k]),
                 put(self.grad_bad[k]),
             ]
