@@ -488,17 +488,6 @@ def test_bf16_autocast_and_channels_last_every_mode(mode):
         assert rel(g, w) < 0.25  # bfloat16 rounding, same order as plain local learning in bf16
 
 
-def test_overlap_option_is_a_noop_on_cpu():
-    blocks, x = resnet_blocks()
-    y = torch.randint(0, CLASSES, (x.shape[0],))
-    a, _ = run(blocks, x, y, "exact", 0.5, overlap=True)
-    b, _ = run(blocks, x, y, "exact", 0.5, overlap=False)
-    for g, w in zip(flat_grads(a), flat_grads(b)):
-        assert torch.equal(g, w)
-    with pytest.raises(ValueError, match="overlap"):
-        sgr_ext.LocalNet(blocks, lam=0.1, overlap="yes")
-
-
 def test_tangent_scale_is_a_power_of_two_and_safe():
     u = torch.randn(4, 3)
     for w in (torch.randn(4, 3) * 1e-20, torch.zeros(4, 3), torch.randn(4, 3) * 1e20):
