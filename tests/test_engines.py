@@ -6,8 +6,9 @@ import copy
 import functools
 import math
 import os
+import json
 import sys
-import weakref
+import tempfile
 
 import pytest
 import torch
@@ -443,59 +444,52 @@ def test_exact_step_with_triton_kernels_matches_torch_path():
 # --------------------------------------------------------------------------- memory
 
 
-class _SavedBytes:
-    """Peak bytes of tensors autograd holds for backward (unique storages)."""
-
-    def __init__(self):
-        self.live, self.cur, self.peak = {}, 0, 0
-
-    def pack(self, t):
-        if isinstance(t, nn.Parameter):
-            return t
-        st = t.untyped_storage()
-        key = st.data_ptr()
-        if key not in self.live:
-            self.live[key] = [0, st.nbytes()]
-            self.cur += st.nbytes()
-            self.peak = max(self.peak, self.cur)
-        self.live[key][0] += 1
-        weakref.finalize(t, self.release, key)
-        return t
-
-    def release(self, key):
-        e = self.live[key]
-        e[0] -= 1
-        if e[0] == 0:
-            self.cur -= e[1]
-            del self.live[key]
+def allocated_peak(fn) -> int:
+    """Peak bytes allocated on the CPU while ``fn()`` runs, above what was allocated when it
+    started: every live tensor counts (activations, masks, w, D_k, stacked copies, gradients),
+    not only those autograd saves. Read off the profiler's allocator events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    mem = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
+                 key=lambda e: e["ts"])
+    if not mem:
+        return 0
+    start = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in mem) - start
 
 
-def _block_saved_peak(mode, blocks, x, y, k):
+def _block_alive_peak(engine, blocks, x, y, k):
     cfg = StepConfig(lam=1.0, distance="l2", eps=1e-8, loss_fn=F.cross_entropy)
     bl = copy.deepcopy(blocks)
     h, d = x, None
     for j in range(k):
         r = ENGINES["exact"](bl[j], h, y, d, cfg, True)
         h, d = r.output, r.output_grad
-    counter = _SavedBytes()
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-        ENGINES[mode](bl[k], h, y, d, cfg, True)
-    return counter.peak
+    for p in bl[k].parameters():  # gradients exist from earlier steps: no first-step allocation
+        p.grad = torch.zeros_like(p)
+    return allocated_peak(lambda: engine(bl[k], h, y, d, cfg, True))
 
 
-def test_exact_keeps_fewer_saved_bytes_than_double_backward():
+def test_exact_and_fast_peak_memory_below_double_backward():
+    """Peak of all live CPU allocations of one block step, against plain local learning's."""
     torch.manual_seed(0)
     model = CifarResNet(14, num_classes=CLASSES)
-    x = torch.randn(8, 3, 16, 16)
-    y = torch.randint(0, CLASSES, (8,))
+    x = torch.randn(32, 3, 16, 16)  # activations, not weights, dominate
+    y = torch.randint(0, CLASSES, (32,))
     blocks = sgr_ext.split(model, 7, example_input=x[:2])
     for k in (1, 3):
-        exact = _block_saved_peak("exact", blocks, x, y, k)
-        db = _block_saved_peak("double_backward", blocks, x, y, k)
-        fast = _block_saved_peak("fast", blocks, x, y, k)
-        # measured: exact 0.5-0.74x, fast 0.4-0.58x of the double-backward engine's peak
-        assert exact < 0.8 * db
-        assert fast < 0.65 * db
+        plain = _block_alive_peak(local.step, blocks, x, y, k)
+        exact = _block_alive_peak(ENGINES["exact"], blocks, x, y, k)
+        fast = _block_alive_peak(ENGINES["fast"], blocks, x, y, k)
+        db = _block_alive_peak(ENGINES["double_backward"], blocks, x, y, k)
+        # measured (x plain local): exact 2.15-2.4, fast 1.4-1.8, double backward 2.7-2.9
+        assert exact < 2.6 * plain and exact < db
+        assert fast < 2.0 * plain and fast < 0.7 * db
 
 
 # --------------------------------------------------------------------------- precision, layout, pipeline

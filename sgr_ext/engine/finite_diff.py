@@ -23,8 +23,8 @@ as h -> 0; the jump terms give an O(1) bias that shrinks only with the batch siz
 function of h again. Max-pooling switches are not replayed (an O(h)-probability term).
 
 Memory: the two graphs never coexist; on top of plain local learning it holds D_k, the
-perturbed input (built in w's buffer), the output x_k and the bool masks (about 1.5x
-plain local peak in the CPU allocation proxy). Time: about two plain local steps.
+perturbed input (built in w's buffer), the output x_k and the bool masks (1.4-1.8x the
+plain local peak of live CPU allocations, tests/test_engines.py). Time: about two plain local steps.
 
 Step size: ||h w|| = h_rel ||u|| with h_rel from the compute dtype (``H_REL``; under
 autocast the autocast dtype counts): truncation error grows like h_rel (first order,
