@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-DISTANCES = ("l2", "cosine")
+DISTANCES = ("l2", "l2_rel", "cosine")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

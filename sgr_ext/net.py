@@ -16,6 +16,7 @@ from sgr_ext.engine.pipeline import BlockPipeline, overlap_enabled
 
 
 NONFINITE_POLICIES = ("raise", "skip", "warn")
+LAM_MODES = ("fixed", "grad_ratio")
 EAGER_STEP = ("sgr_ext: a local-learning step always runs eagerly (its per-block autograd calls and host sync "
               "cannot be captured in one graph); compile the model code around it, or the blocks' modules")
 
@@ -50,6 +51,9 @@ class StepStats:
     batch each head classifies right (None where the head is not a classifier).
     cosines, norm_ratios: mean cos(A_k, D_{k-1}) and |A_k| / |D_{k-1}| per boundary,
     None where A_k was not computed (block 0; lam == 0 without ``track_alignment``).
+    penalty_shares: ||lam_k grad R_k|| / ||grad l_k|| over block k's parameters, how much the
+    penalty moves the block's update (the target ``lam`` under ``lam_mode="grad_ratio"``); None
+    where not measured (block 0, lam == 0, or ``lam_mode="fixed"`` without ``track_share``).
     skipped: True when the ``nonfinite="skip"`` policy dropped the whole step (no ``p.grad``
     was changed). nonfinite_blocks: the blocks whose input, loss, penalty or gradients were
     NaN/Inf (their ``p.grad`` were left as before the step), empty when all were finite.
@@ -60,6 +64,7 @@ class StepStats:
     accuracies: list[Optional[float]] = field(default_factory=list)
     cosines: list[Optional[float]] = field(default_factory=list)
     norm_ratios: list[Optional[float]] = field(default_factory=list)
+    penalty_shares: list[Optional[float]] = field(default_factory=list)
     skipped: bool = False
     nonfinite_blocks: list[int] = field(default_factory=list)
 
@@ -73,8 +78,18 @@ class LocalNet(nn.Module):
 
     Args:
         blocks: the K ``LocalBlock``s in order; the last block's head is the classifier.
-        lam: penalty weight lambda >= 0 (0 gives plain local learning).
-        distance: ``"l2"`` or ``"cosine"`` (see ``sgr_ext.reconcile``).
+        lam: penalty strength >= 0 (0 gives plain local learning): the weight lambda of R_k
+            (``lam_mode="fixed"``), or the penalty gradient's norm as a fraction of the loss
+            gradient's, per block and step (``lam_mode="grad_ratio"``).
+        distance: ``"l2"``, ``"l2_rel"`` or ``"cosine"`` (see ``sgr_ext.reconcile``).
+        lam_mode: ``"fixed"``: J_k = l_k + lam R_k, the definition (DESIGN.md section 1).
+            ``"grad_ratio"``: block k's update is grad l_k + lam_k grad R_k with
+            lam_k = lam ||grad l_k|| / ||grad R_k||, so one number means the same strength for
+            every distance, block, model, batch size and stage of training. Costs the weight
+            gradients of the first backward (the penalty's parameter gradient is taken apart
+            from the loss's); ``grad="backward"`` only.
+        track_share: also measure ``StepStats.penalty_shares`` under ``lam_mode="fixed"``
+            (same cost as ``"grad_ratio"``; ``grad="backward"`` only).
         loss_fn: ``loss_fn(head_output, y) -> 0-dim`` batch MEAN loss; cross-entropy by
             default. The batch scaling of A_k and D_k assumes mean reduction.
         mode: ``"exact"`` (default): the exact penalty gradient from one tangent-carrying
@@ -119,6 +134,8 @@ class LocalNet(nn.Module):
         fg_per_sample: bool = True,
         nonfinite: str = "raise",
         overlap="auto",
+        lam_mode: str = "fixed",
+        track_share: bool = False,
     ):
         super().__init__()
         if not (isinstance(blocks, nn.Module) or hasattr(blocks, "__iter__")) or isinstance(blocks, str):
@@ -136,6 +153,8 @@ class LocalNet(nn.Module):
         _check_one_device(blocks)
         if not isinstance(fg_per_sample, bool):
             raise TypeError(f"fg_per_sample: expected a bool, got {type(fg_per_sample).__name__}")
+        if not isinstance(track_share, bool):
+            raise TypeError(f"track_share: expected a bool, got {type(track_share).__name__}")
         self.blocks = nn.ModuleList(blocks)
         self.mode = _checks.choice("mode", mode, ENGINES)
         self.config = StepConfig(
@@ -146,8 +165,13 @@ class LocalNet(nn.Module):
             track_alignment=track_alignment,
             num_tangents=_checks.positive_int("num_tangents", num_tangents),
             fg_per_sample=fg_per_sample,
+            lam_mode=_checks.choice("lam_mode", lam_mode, LAM_MODES),
+            track_share=track_share,
         )
         self.grad = _checks.choice("grad", grad, ("backward", "forward"))
+        if self.grad == "forward" and self.config.split_grads:
+            raise ValueError("lam_mode='grad_ratio' and track_share=True need grad='backward': the forward-gradient "
+                             "engine estimates the loss and penalty gradients together")
         self.nonfinite = _checks.choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         if overlap not in (True, False, "auto"):
             raise ValueError(f"overlap: expected True, False or 'auto', got {overlap!r}")
@@ -277,6 +301,7 @@ class LocalNet(nn.Module):
             stats.accuracies.append(row[2])
             stats.cosines.append(row[3])
             stats.norm_ratios.append(row[4])
+            stats.penalty_shares.append(row[5])
         if not bad:
             return stats
         stats.nonfinite_blocks = sorted(bad)
@@ -385,7 +410,7 @@ class _StepGuard:
         self.grad_bad.append(~torch.isfinite(total))
 
     def read(self, results) -> tuple[list[list[Optional[float]]], dict[int, list[str]]]:
-        """Per block [loss, penalty, accuracy, cosine, norm_ratio] (None where absent) and
+        """Per block [loss, penalty, accuracy, cosine, norm_ratio, share] (None where absent) and
         {block: [what, ...]} for the non-finite ones; one device-to-host transfer."""
         dt = _host_dtype(self.device)
         vals, slots = [], []  # slots: per block, the index in vals of each statistic (None: absent)
@@ -397,7 +422,7 @@ class _StepGuard:
             return len(vals) - 1
 
         for k, r in enumerate(results):
-            stat = [put(r.loss), put(r.penalty), put(r.accuracy), put(r.cosine), put(r.norm_ratio)]
+            stat = [put(r.loss), put(r.penalty), put(r.accuracy), put(r.cosine), put(r.norm_ratio), put(r.share)]
             flags = [
                 put(self.input_bad) if k == 0 else None,
                 put(~torch.isfinite(r.loss)),

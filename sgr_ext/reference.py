@@ -24,15 +24,17 @@ def penalty_dtype(dtype: torch.dtype, distance: str) -> torch.dtype:
 def reconcile_per_sample(a: torch.Tensor, d: torch.Tensor, distance: str, eps: float) -> torch.Tensor:
     """dist(a_i, d_i) for every sample i.
 
-    a, d: (B, *) of one floating dtype. Returns (B,) in ``penalty_dtype`` (float32 for l2 of
-    half/single types, float64 for float64 and for cosine). Differentiable (any order) in
-    ``a``; ``d`` is treated as a constant.
+    a, d: (B, *) of one floating dtype. Returns (B,) in ``penalty_dtype`` (float32 for l2 and
+    l2_rel of half/single types, float64 for float64 and for cosine). Differentiable (any order)
+    in ``a``; ``d`` is treated as a constant. l2_rel is ``||a_i - d_i||^2 / (||d_i||^2 + eps)``.
     """
     acc = penalty_dtype(a.dtype, distance)
     a2 = a.reshape(a.shape[0], -1).to(acc)
     d2 = d.detach().reshape(d.shape[0], -1).to(acc)
     if distance == "l2":
         return (a2 - d2).pow(2).sum(dim=1)
+    if distance == "l2_rel":
+        return (a2 - d2).pow(2).sum(dim=1) / (d2.pow(2).sum(dim=1) + eps)
     dot = (a2 * d2).sum(dim=1)
     return 1.0 - dot / (a2.norm(dim=1) * d2.norm(dim=1) + eps)
 

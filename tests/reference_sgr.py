@@ -11,11 +11,16 @@ def penalty(a, d, distance, eps):
     a, d = a.flatten(1), d.flatten(1)
     if distance == "l2":
         return ((a - d) ** 2).sum(1).mean()
+    if distance == "l2_rel":
+        return (((a - d) ** 2).sum(1) / ((d ** 2).sum(1) + eps)).mean()
     return (1 - (a * d).sum(1) / (a.norm(dim=1) * d.norm(dim=1) + eps)).mean()
 
 
-def sgr_gradients(blocks, x, y, lam, distance="l2", eps=1e-8):
-    """grad of J_k = l_k + lam * R_k w.r.t. each block's parameters; list of tuples, one per block."""
+def sgr_gradients(blocks, x, y, lam, distance="l2", eps=1e-8, lam_mode="fixed", shares=None):
+    """grad of J_k = l_k + lam * R_k w.r.t. each block's parameters; list of tuples, one per block.
+
+    lam_mode="grad_ratio": grad l_k + lam_k grad R_k with lam_k = lam |grad l_k| / |grad R_k|.
+    shares: a list that receives |lam_k grad R_k| / |grad l_k| per block (None for block 0)."""
     batch = x.shape[0]
     grads, h, d_prev = [], x, None
     for k, block in enumerate(blocks):
@@ -23,10 +28,19 @@ def sgr_gradients(blocks, x, y, lam, distance="l2", eps=1e-8):
         out = block.module(u)
         loss = F.cross_entropy(block.head(out), y)
         g_out, g_u = torch.autograd.grad(loss, [out, u], create_graph=True)
-        objective = loss
-        if k > 0:
-            objective = loss + lam * penalty(batch * g_u, d_prev, distance, eps)
         params = [p for p in block.parameters() if p.requires_grad]
-        grads.append(torch.autograd.grad(objective, params))
+        if k == 0:
+            grads.append(torch.autograd.grad(loss, params))
+            if shares is not None:
+                shares.append(None)
+        else:
+            g_l = torch.autograd.grad(loss, params, retain_graph=True)
+            g_r = torch.autograd.grad(penalty(batch * g_u, d_prev, distance, eps), params)
+            n_l = torch.cat([g.flatten() for g in g_l]).norm()
+            n_r = torch.cat([g.flatten() for g in g_r]).norm()
+            lam_k = lam * n_l / n_r if lam_mode == "grad_ratio" else lam
+            grads.append(tuple(a + lam_k * b for a, b in zip(g_l, g_r)))
+            if shares is not None:
+                shares.append(float(lam_k * n_r / n_l))
         h, d_prev = out.detach(), (batch * g_out).detach()
     return grads

@@ -32,7 +32,8 @@ PATHS = [
     pytest.param("triton", DEV, id="triton", marks=pytest.mark.skipif(not HAVE_TRITON, reason="no CUDA / interpreter")),
 ]
 KERNEL_PATHS = PATHS[1:]
-DISTANCES = ["l2", "cosine"]
+DISTANCES = ["l2", "l2_rel", "cosine"]
+KERNEL_DISTANCES = ["l2", "cosine"]  # the raw kernels; l2_rel reaches them as a rescaled l2
 
 
 # ----------------------------------------------------------------------------- reference
@@ -44,6 +45,8 @@ def ref_per_sample(a: torch.Tensor, d: torch.Tensor, distance: str, eps: float) 
     d = d.detach().reshape(d.shape[0], -1)
     if distance == "l2":
         return ((a - d) ** 2).sum(dim=1)
+    if distance == "l2_rel":
+        return ((a - d) ** 2).sum(dim=1) / ((d ** 2).sum(dim=1) + eps)
     return 1 - (a * d).sum(dim=1) / (torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(d, dim=1) + eps)
 
 
@@ -308,7 +311,7 @@ def test_triton_tilings(B, F, rows, block, chunk):
     for dtype in (torch.float32, torch.float64):
         a, d = randn(B, F, dtype=dtype), randn(B, F, dtype=dtype)
         tol = 2e-6 if dtype == torch.float32 else 1e-12
-        for distance in DISTANCES:
+        for distance in KERNEL_DISTANCES:
             cos = distance == "cosine"
             loss, stats = K.reconcile_fwd(a, d, cos, 1e-8, config=cfg)
             ref, ref_g = ref_grad(a, d, distance)
@@ -503,7 +506,7 @@ def test_compile_through_create_graph_double_backward(impl, device):
 @pytest.mark.parametrize("impl,device", KERNEL_PATHS)
 def test_opcheck_custom_ops(impl, device):
     a, d = randn(3, 5, device=device), randn(3, 5, device=device)
-    for distance in DISTANCES:
+    for distance in KERNEL_DISTANCES:
         x = a.clone().requires_grad_()
         torch.library.opcheck(torch.ops.sgr_ext.reconcile_fwd.default, (x, d, distance, 1e-8, impl))
         loss, stats = _reconcile_ops.reconcile_fwd(a, d, distance, 1e-8, impl)
@@ -519,9 +522,11 @@ def test_custom_op_double_backward(impl, device):
     a = randn(3, 9, dtype=torch.float64, device=device)
     d = randn(3, 9, dtype=torch.float64, device=device)
     v = randn(3, 9, dtype=torch.float64, device=device)
-    for distance in DISTANCES:
+    for distance in KERNEL_DISTANCES:
         x = a.clone().requires_grad_()
         loss, _ = torch.ops.sgr_ext.reconcile_fwd(x, d, distance, 1e-8, impl)
         (g,) = torch.autograd.grad(loss, x, create_graph=True)
         (h,) = torch.autograd.grad((g * v).sum(), x)
         assert rel(h, ref_hvp(a, d, v, distance)) <= 1e-11
+    with pytest.raises(ValueError, match="distance must be 'l2' or 'cosine'"):
+        torch.ops.sgr_ext.reconcile_fwd(a, d, "l2_rel", 1e-8, impl)

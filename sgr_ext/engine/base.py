@@ -18,6 +18,17 @@ class StepConfig:
     # per-sample (True) or whole-batch (False) directional derivatives.
     num_tangents: int = 1
     fg_per_sample: bool = True
+    # "fixed": J_k = l_k + lam R_k. "grad_ratio": block k's penalty gradient is rescaled each
+    # step so that ||lam_k grad R_k|| = lam ||grad l_k|| (lam is then a ratio of gradient norms).
+    lam_mode: str = "fixed"
+    # measure ||lam_k grad R_k|| / ||grad l_k|| per block (always measured under "grad_ratio")
+    track_share: bool = False
+
+    @property
+    def split_grads(self) -> bool:
+        """Whether an engine computes grad l_k and grad R_k separately (costs the weight
+        gradients of the first backward, which the combined objective does not need)."""
+        return self.lam_mode != "fixed" or self.track_share
 
 
 @dataclass
@@ -31,6 +42,8 @@ class BlockResult:
     accuracy: 0-dim fraction of argmax(head) == y, or None when the head is not a classifier.
     cosine, norm_ratio: 0-dim mean over samples of cos(A_k, D_{k-1}) and |A_k|/|D_{k-1}|,
         or None when A_k was not computed.
+    share: 0-dim ||lam_k grad_theta R_k|| / ||grad_theta l_k|| over the block's parameters, the
+        penalty's share of the update, or None when not measured (``StepConfig.split_grads``).
     ready: optional ``torch.cuda.Event`` recorded (on the block's stream) as soon as
         ``output`` and ``output_grad`` were computed, before the block's remaining backward
         work: the next block may start after it (``sgr_ext.engine.pipeline``). None: the
@@ -45,6 +58,7 @@ class BlockResult:
     cosine: Optional[torch.Tensor] = None
     norm_ratio: Optional[torch.Tensor] = None
     ready: Optional[Any] = None
+    share: Optional[torch.Tensor] = None
 
     def statistics(self) -> "BlockResult":
         """This result without x_k and D_k: what a step keeps of a block once the next block

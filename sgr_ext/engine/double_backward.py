@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from sgr_ext.blocks import LocalBlock
+from sgr_ext.engine import local
 from sgr_ext.engine.base import BlockResult, StepConfig, accuracy, alignment
 from sgr_ext.ops.reconcile import reconcile
 
@@ -52,7 +53,12 @@ def step(
         penalty = reconcile(a if penalize else a.detach(), d_prev, distance=cfg.distance, eps=cfg.eps)
     if penalize:
         objective = loss + cfg.lam * penalty
-    if params:
+    share = None
+    if params and penalize and cfg.split_grads:
+        g_loss = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        g_pen = torch.autograd.grad(penalty, params, allow_unused=True)
+        share = local.accumulate_penalized(params, g_loss, g_pen, cfg)
+    elif params:
         objective.backward(inputs=params)
 
     cos = ratio = None
@@ -66,4 +72,5 @@ def step(
         accuracy=accuracy(logits, y),
         cosine=cos,
         norm_ratio=ratio,
+        share=share,
     )

@@ -137,6 +137,7 @@ def step(
     h_rel = float(h_rel if h_rel is not None else H_REL.get(compute_dtype(x_prev), 1e-3))
     rng = local.replay_rng(x_prev.device, active=local.is_stochastic(block))
     params = block.trainable_parameters()
+    share = None
     with torch.enable_grad():
         # 1. g1, A_k, D_k from one forward and one backward
         masks = _ReluMasks()
@@ -168,10 +169,11 @@ def step(
                 del u2
                 g2 = torch.autograd.grad(loss2, params, allow_unused=True)
                 del loss2
-            c = (cfg.lam * batch) / h
-            total = _combine(g1, g2, c)
+            if cfg.split_grads:  # grad R_k ~ B (g2 - g1) / h
+                share = local.accumulate_penalized(params, g1, _combine(g1, g2, batch / h, keep=False), cfg)
+            else:
+                local.accumulate(params, _combine(g1, g2, (cfg.lam * batch) / h))
             del g1, g2
-            local.accumulate(params, total)
     return BlockResult(
         output=output,
         output_grad=None if d_out is None else d_out.detach(),
@@ -181,11 +183,13 @@ def step(
         cosine=cos,
         norm_ratio=ratio,
         ready=ready,
+        share=share,
     )
 
 
-def _combine(g1, g2, c: torch.Tensor) -> list:
-    """g1 + c (g2 - g1) per parameter (None where both are None); the difference first."""
+def _combine(g1, g2, c: torch.Tensor, keep: bool = True) -> list:
+    """g1 + c (g2 - g1) per parameter (None where both are None); the difference first.
+    ``keep=False``: c (g2 - g1) alone."""
     out = [None] * len(g1)
     idx = [i for i in range(len(g1)) if g1[i] is not None or g2[i] is not None]
     if not idx:
@@ -194,7 +198,8 @@ def _combine(g1, g2, c: torch.Tensor) -> list:
     b = [g2[i] if g2[i] is not None else torch.zeros_like(g1[i]) for i in idx]
     diff = torch._foreach_sub(b, a)
     torch._foreach_mul_(diff, c.to(a[0].dtype))
-    torch._foreach_add_(diff, a)
+    if keep:
+        torch._foreach_add_(diff, a)
     for i, t in zip(idx, diff):
         out[i] = t
     return out

@@ -18,6 +18,7 @@ from torch import nn
 from sgr_ext.blocks import LocalBlock
 from sgr_ext.engine.base import BlockResult, StepConfig, accuracy, alignment
 from sgr_ext.ops.reconcile import reconcile
+from sgr_ext.reference import accumulate_dtype
 
 _RANDOM_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU)
 _RANDOM_FUNCTIONS = {
@@ -158,6 +159,47 @@ def accumulate(params, grads) -> None:
         torch._foreach_add_(have, add)
     for p, g in new:
         p.grad = g.to(p.dtype) if g.dtype != p.dtype else g
+
+
+def grad_norm(grads) -> Optional[torch.Tensor]:
+    """0-dim L2 norm over a list of gradients (None entries skipped) in their accumulate
+    dtype, or None when every entry is None."""
+    gs = [g for g in grads if g is not None]
+    if not gs:
+        return None
+    acc = accumulate_dtype(gs[0].dtype)
+    norms = torch._foreach_norm(gs, 2)
+    return torch.linalg.vector_norm(torch.stack([n.to(acc) for n in norms]))
+
+
+def accumulate_penalized(params, g_loss, g_pen, cfg: StepConfig) -> torch.Tensor:
+    """``p.grad += g_l + lam_k g_R`` and the penalty's share ``||lam_k g_R|| / ||g_l||`` (0-dim).
+
+    g_loss, g_pen: per parameter, grad_theta l_k and grad_theta R_k (None: zero). lam_k is
+    ``cfg.lam`` ("fixed") or ``cfg.lam * ||g_l|| / ||g_R||`` ("grad_ratio": the penalty's
+    gradient gets a fixed fraction of the loss gradient's norm, whatever the distance, block,
+    batch or stage of training). Norms are device tensors: no host sync.
+    """
+    nl, nr = grad_norm(g_loss), grad_norm(g_pen)
+    if nr is None:  # the penalty does not reach any parameter
+        accumulate(params, g_loss)
+        return torch.zeros((), device=params[0].device) if nl is None else torch.zeros_like(nl)
+    if nl is None:
+        nl = torch.zeros_like(nr)
+    tiny = torch.finfo(nr.dtype).tiny
+    if cfg.lam_mode == "grad_ratio":
+        lam = torch.where(nr > tiny, cfg.lam * nl / nr.clamp_min(tiny), torch.zeros_like(nr))
+    else:
+        lam = torch.full_like(nr, cfg.lam)
+    total = []
+    for gl, gr in zip(g_loss, g_pen):
+        if gr is None:
+            total.append(gl)
+        else:
+            scaled = gr * lam.to(gr.dtype)
+            total.append(scaled if gl is None else gl + scaled)
+    accumulate(params, total)
+    return lam * nr / nl.clamp_min(tiny)
 
 
 def step(

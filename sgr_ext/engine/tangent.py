@@ -72,17 +72,22 @@ def step(
         return local.step(block, x_prev, y, d_prev, cfg, need_output_grad)
     batch = x_prev.shape[0]
     rng = local.replay_rng(x_prev.device, active=local.is_stochastic(block))
+    params = block.trainable_parameters()
+    split = cfg.split_grads and bool(params)
+    share = None
     with torch.enable_grad():
-        # 1. A_k and D_k: activation gradients only; the graph is freed by autograd.grad
-        u, output, loss, acc, _, a, d_out, ready = local.first_pass(block, x_prev, y, cfg, need_output_grad)
+        # 1. A_k and D_k (and grad l_k when the two gradients are kept apart); the graph is
+        # freed by autograd.grad
+        u, output, loss, acc, g_loss, a, d_out, ready = local.first_pass(
+            block, x_prev, y, cfg, need_output_grad, params if split else ())
 
         # 2. the penalty and its first derivative w = dR/dA
         penalty, w = local.penalty_direction(a, d_prev, cfg)
         cos, ratio = alignment(a, d_prev)
         del a
 
-        # 3. one tangent-carrying forward and one backward of l + lam B ldot
-        params = block.trainable_parameters()
+        # 3. one tangent-carrying forward and one backward of l + lam B ldot (of B ldot alone,
+        # i.e. grad R_k, when split)
         if params:
             s = tangent_scale(u, w)
             z = dual.pack(u.detach(), w * s)
@@ -97,11 +102,17 @@ def step(
                 del out
                 if isinstance(head_out, dual.Dual):
                     l, ldot = dual.dual_loss(head_out, y, cfg.loss_fn)
-                    objective = l + ldot * (cfg.lam * batch / s)
-                else:
-                    objective = cfg.loss_fn(head_out, y)
+                    objective = ldot * (batch / s) if split else l + ldot * (cfg.lam * batch / s)
+                else:  # no penalty gradient
+                    objective = None if split else cfg.loss_fn(head_out, y)
                 del head_out
-            if objective.requires_grad:
+            if split:
+                g_pen = [None] * len(params)
+                if objective is not None and objective.requires_grad:
+                    g_pen = torch.autograd.grad(objective, params, allow_unused=True)
+                share = local.accumulate_penalized(params, g_loss, g_pen, cfg)
+                del g_loss, g_pen
+            elif objective.requires_grad:
                 objective.backward(inputs=params)
             del objective
     return BlockResult(
@@ -113,4 +124,5 @@ def step(
         cosine=cos,
         norm_ratio=ratio,
         ready=ready,
+        share=share,
     )

@@ -62,8 +62,16 @@ def _cpp():
 # ------------------------------------------------------------------------- backend calls
 
 
+def _kernel_distance(distance: str) -> None:
+    # the kernels know l2 and cosine; "l2_rel" reaches them as l2 of rescaled inputs
+    # (ops.reconcile), so any other name here would silently compute l2
+    if distance not in ("l2", "cosine"):
+        raise ValueError(f"sgr_ext reconcile kernels: distance must be 'l2' or 'cosine', got {distance!r}")
+
+
 def kernel_fwd(a: Tensor, d: Tensor, distance: str, eps: float, impl: str) -> tuple[Tensor, Tensor]:
     """One fused pass over a and d: (loss () in the accumulate dtype, stats (B, S) in ``penalty_dtype``)."""
+    _kernel_distance(distance)
     if impl == "triton":
         return _triton_module().reconcile_fwd(_flat(a), _flat(d), distance == "cosine", eps)
     if impl == "cpp":
@@ -74,6 +82,7 @@ def kernel_fwd(a: Tensor, d: Tensor, distance: str, eps: float, impl: str) -> tu
 
 def kernel_bwd(grad: Tensor, a: Tensor, d: Tensor, stats: Tensor, distance: str, eps: float, impl: str) -> Tensor:
     """One fused elementwise pass: grad * d loss / d a, shape and dtype of ``a`` (contiguous)."""
+    _kernel_distance(distance)
     if impl == "triton":
         out = _triton_module().reconcile_bwd(grad, _flat(a), _flat(d), stats, distance == "cosine", eps)
         return out.view(a.shape)

@@ -22,7 +22,7 @@ import torch
 from sgr_ext import _checks
 from sgr_ext.ops import _backends
 from sgr_ext.ops import _reconcile_ops  # noqa: F401  (registers torch.ops.sgr_ext.reconcile_*)
-from sgr_ext.reference import reconcile_torch
+from sgr_ext.reference import accumulate_dtype, reconcile_torch
 
 IMPLS = ("torch", "cpp", "triton")
 BackendUnavailable = _backends.BackendUnavailable
@@ -105,9 +105,11 @@ def reconcile(
             from ``torch.autograd.grad(..., create_graph=True)`` the result backpropagates
             (twice differentiable) to the parameters that produced it.
         d: same shape, dtype and device as ``a``; treated as a constant (no gradient).
-        distance: ``"l2"`` (squared L2, ``||a_i - d_i||^2``) or ``"cosine"``
+        distance: ``"l2"`` (squared L2, ``||a_i - d_i||^2``), ``"l2_rel"`` (relative squared L2,
+            ``||a_i - d_i||^2 / (||d_i||^2 + eps)``: dimensionless, so a strength means the same
+            whatever the scale of the gradients) or ``"cosine"``
             (``1 - <a_i, d_i> / (|a_i| |d_i| + eps)``), over each flattened sample.
-        eps: >= 0, only used by ``"cosine"``.
+        eps: >= 0, used by ``"l2_rel"`` and ``"cosine"``.
         impl: ``None`` (fastest available: CUDA -> ``"triton"``, CPU -> ``"cpp"`` if built,
             else ``"torch"``), ``"torch"``, ``"cpp"`` or ``"triton"``. A path that cannot
             run here raises ``BackendUnavailable``.
@@ -129,7 +131,25 @@ def reconcile(
     path = resolve_impl(impl, a.device, a.dtype)
     if path == "torch":
         return reconcile_torch(a, d, distance, eps)
+    if distance == "l2_rel":
+        # d is a constant, so l2_rel is l2 of both sides scaled per sample by 1/sqrt(|d_i|^2 + eps):
+        # the fused l2 kernels (and their exact double backward) serve it unchanged.
+        a, d = _relative(a, d, eps)
+        distance = "l2"
     if torch.compiler.is_compiling():
         loss, _ = torch.ops.sgr_ext.reconcile_fwd(a, d.detach(), distance, eps, path)
         return loss
     return _reconcile_ops.ReconcileFn.apply(a, d.detach(), distance, eps, path)
+
+
+def _relative(a: torch.Tensor, d: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_i s_i, d_i s_i) with s_i = 1 / sqrt(|d_i|^2 + eps), in the accumulate dtype.
+
+    a, d: (B, *). The scaled pair is float32 for half inputs (1/|d_i| of a small d_i leaves
+    float16's range), float64 for float64. Differentiable in ``a``; ``d`` is a constant.
+    """
+    acc = accumulate_dtype(a.dtype)
+    d = d.detach().to(acc)
+    norm2 = torch.linalg.vector_norm(d.reshape(d.shape[0], -1), dim=1).pow(2)
+    s = torch.rsqrt(norm2 + eps).reshape((-1,) + (1,) * (d.dim() - 1))
+    return a.to(acc) * s, d * s
