@@ -12,6 +12,7 @@ from torch import nn
 from sgr_ext import _checks
 from sgr_ext.blocks import LocalBlock
 from sgr_ext.engine import ENGINES, StepConfig, forward_grad
+from sgr_ext.engine import verify as engine_verify
 from sgr_ext.engine.pipeline import BlockPipeline, overlap_enabled
 
 
@@ -117,6 +118,13 @@ class LocalNet(nn.Module):
         overlap: ``"auto"`` (default), True or False: on CUDA, run consecutive blocks on two
             streams so that block k+1's forward overlaps block k's remaining backward
             (``sgr_ext.engine.pipeline``); same gradients; no effect on CPU.
+        verify: check the engine against double backward on the first step, and again for a
+            block whose modules or train/eval modes changed: the engine (``mode="exact"`` or
+            ``"fast"``) and the reference run on the first ``sgr_ext.engine.verify.SAMPLES`` rows of the batch,
+            and ``sgr_ext.engine.verify.EngineMismatch`` names the block and the relative error
+            when they disagree beyond a dtype-aware bound. For architectures outside the
+            tested op set. Cost (``sgr_ext.engine.verify``): three sub-batch block steps per block,
+            once; off by default.
     """
 
     def __init__(
@@ -136,6 +144,7 @@ class LocalNet(nn.Module):
         overlap="auto",
         lam_mode: str = "fixed",
         track_share: bool = False,
+        verify: bool = False,
     ):
         super().__init__()
         if not (isinstance(blocks, nn.Module) or hasattr(blocks, "__iter__")) or isinstance(blocks, str):
@@ -155,6 +164,10 @@ class LocalNet(nn.Module):
             raise TypeError(f"fg_per_sample: expected a bool, got {type(fg_per_sample).__name__}")
         if not isinstance(track_share, bool):
             raise TypeError(f"track_share: expected a bool, got {type(track_share).__name__}")
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify: expected a bool, got {type(verify).__name__}")
+        self.verify = verify
+        self._verified: dict[int, tuple] = {}  # block -> the module signature last checked
         self.blocks = nn.ModuleList(blocks)
         self.mode = _checks.choice("mode", mode, ENGINES)
         self.config = StepConfig(
@@ -243,6 +256,7 @@ class LocalNet(nn.Module):
             self._check_label_range(x, y)
         for k, block in enumerate(self.blocks):
             with pipe.block(k, h, d, y):  # CUDA: block k's stream; no-op otherwise
+                self._verify_block(k, block, engine, h, y, d)
                 r = engine(block, h, y, d, self.config, need_output_grad=needs_d and k < last)
                 pipe.done(r)
                 guard.check_block(k, r)
@@ -253,6 +267,18 @@ class LocalNet(nn.Module):
             del r
         pipe.finish()
         return self._collect(results, guard)
+
+    def _verify_block(self, k: int, block: LocalBlock, engine: Callable, h, y, d) -> None:
+        """``verify=True``: compare the engine with double backward on block k, once per module
+        signature (only blocks with a penalty gradient: the others run the plain local step)."""
+        if not self.verify or d is None or self.config.lam == 0 or self.grad != "backward":
+            return
+        if self.mode == "double_backward":
+            return
+        sig = engine_verify.signature(block)
+        if self._verified.get(k) != sig:
+            engine_verify.check(k, self.mode, engine, block, h, y, d, self.config, engine_verify.SAMPLES)
+            self._verified[k] = sig
 
     def _check_label_range(self, x: torch.Tensor, y: torch.Tensor, probe: bool = True) -> None:
         counts = self._head_classes(x, probe)

@@ -33,18 +33,12 @@ SHAPE = (6, 4, 5, 6)  # (B, C, H, W): H != W, so a transpose changes shapes
 LAM = 5.0
 
 # featured entry -> the defect it exposes (found by this test; see the issue #13 report)
-_INSTANCE_NORM = ("train-mode InstanceNorm: the forward-AD fallback's instance_norm tangent misses the batch "
-                  "statistics' dependence on the input, and with track_running_stats=True frozen_norm_stats "
-                  "does not freeze its running statistics (updated twice)")
-DEFECTS = {
-    "mT": "the dual interpreter returns the primal for the unhandled attribute .mT: the tangent is dropped",
-    "instancenorm1d": _INSTANCE_NORM,
-    "instancenorm2d": _INSTANCE_NORM,
-    "instancenorm3d": _INSTANCE_NORM,
-    "instancenorm2d_batch_stats": _INSTANCE_NORM,
-    "leaky_relu": "dual LeakyReLU builds its slope with torch.where on Python floats: a float32 slope, so float64 "
-                  "primal and tangent are 3e-9 off",
-}
+# Found by this test and fixed (issue #13): ``mT`` (the interpreter returned the primal of an
+# unhandled attribute, dropping the tangent), ``instancenorm*`` (the forward-AD instance_norm
+# tangent missed the statistics' dependence on the input; frozen_norm_stats did not freeze
+# InstanceNorm's running statistics, updated twice), ``leaky_relu`` (a float32 slope from
+# torch.where on Python floats: float64 primal and tangent 3e-9 off).
+DEFECTS: dict = {}
 
 EXTRA_SEEDS = 12  # cases whose featured entry is itself drawn at random
 

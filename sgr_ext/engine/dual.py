@@ -101,8 +101,27 @@ def _bcast(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def _as3d(t: torch.Tensor) -> torch.Tensor:
-    """(2n, C, *spatial) -> (2n, C, S) (a view for dense layouts, NCHW or channels_last)."""
+    """(2n, C, *spatial) -> (2n, C, S): a view for NCHW, channels_last and (B, C, L) layouts,
+    a copy where the spatial axes cannot be merged (e.g. H and W transposed)."""
     return t.unsqueeze(-1) if t.dim() == 2 else t.flatten(2)
+
+
+def _kernel_out(like: torch.Tensor) -> torch.Tensor:
+    """An empty tensor shaped like ``like`` whose ``_as3d`` is a view, so that a kernel writing
+    through that view writes the tensor itself (``empty_like`` keeps a transposed layout,
+    whose ``_as3d`` would be a copy and the kernel's output lost)."""
+    out = torch.empty_like(like)
+    v = _as3d(out)
+    return out if v is out or v._is_view() else torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+def _out3d(t: torch.Tensor) -> torch.Tensor:
+    """The (2n, C, S) view a kernel writes ``t`` through; refuses a copy (its writes would be lost)."""
+    v = _as3d(t)
+    if v is not t and not v._is_view():
+        raise RuntimeError(f"dual BatchNorm kernel: an output of shape {tuple(t.shape)} and strides {t.stride()} "
+                           "has no (2n, C, S) view; allocate it with _kernel_out")
+    return v
 
 
 _TRITON_FORCE = False  # tests: run the Triton kernels on CPU tensors (TRITON_INTERPRET=1)
@@ -161,7 +180,7 @@ def _triton_apply_fwd(z, out, a, b, d, e, relu):
 
     from sgr_ext.engine import _dual_bn_kernels as K
 
-    z3, o3 = _as3d(z), _as3d(out)
+    z3, o3 = _as3d(z), _out3d(out)
     n, C, S = z3.shape[0] // 2, z3.shape[1], z3.shape[2]
     bp, bc = _blocks(C, n * S)
     grid = (triton.cdiv(n * S, bp), triton.cdiv(C, bc))
@@ -203,7 +222,7 @@ def _triton_apply_bwd(z, g, gz, mean, a, b, k1, k2, k3, kx, k0, k7, k8, relu):
 
     from sgr_ext.engine import _dual_bn_kernels as K
 
-    z3, g3, o3 = _as3d(z), _as3d(g), _as3d(gz)
+    z3, g3, o3 = _as3d(z), _as3d(g), _out3d(gz)
     n, C, S = z3.shape[0] // 2, z3.shape[1], z3.shape[2]
     bp, bc = _blocks(C, n * S)
     grid = (triton.cdiv(n * S, bp), triton.cdiv(C, bc))
@@ -255,8 +274,10 @@ def _bn_fwd(z, weight, bias, eps, relu, out=None):
     """Forward of the dual BN(+ReLU): (out, stats, used_triton).
 
     stats = (mean, rstd, mt, s, a, b, d, e), per channel: batch mean and inverse std of the
-    primal, mean of the tangent, s = mean(xh t), and the apply coefficients
-    y = a x + b, yt = a t + d x + e.
+    primal, mean of the tangent, s = mean(xh t), and the apply coefficients. Triton path:
+    y = a x + b, yt = a t + d x + e (folded). Torch path, centred before multiplying so that
+    float32 error does not grow with |mean| / std: y = a (x - mean) + b with b = beta, and
+    yt = a (t - mt) + d (x - mean) (e unused, 0).
     """
     with torch.autocast(z.device.type, enabled=False):
         triton_path = _use_triton(z)
@@ -277,22 +298,21 @@ def _bn_fwd(z, weight, bias, eps, relu, out=None):
             gam = weight.to(acc) if weight is not None else torch.ones_like(mean)
             bet = bias.to(acc) if bias is not None else torch.zeros_like(mean)
             a = gam * rstd
-            b = bet - a * mean
             d = -a * rstd * s
-            e = -d * mean - a * mt
-            stats = (mean, rstd, mt, s, a, b, d, e)
+            stats = (mean, rstd, mt, s, a, bet, d, torch.zeros_like(mean))
         out = _bn_apply(z, stats, relu, triton_path, out)
     return out, stats, triton_path
 
 
 def _bn_apply(z, stats, relu, triton_path, out=None):
     a, b, d, e = stats[4:]
-    out = torch.empty_like(z) if out is None else out
+    if out is None:
+        out = _kernel_out(z) if triton_path else torch.empty_like(z)
     with torch.autocast(z.device.type, enabled=False):
         if triton_path:
             _triton_apply_fwd(z, out, a, b, d, e, relu)
         else:
-            _torch_apply_fwd(z, out, a, b, d, e, relu)
+            _torch_apply_fwd(z, out, *stats[:3], a, b, d, relu)
     return out
 
 
@@ -300,7 +320,7 @@ def _bn_bwd(z, grad, weight, bias, stats, relu, triton_path, need_w=True, need_b
     """Backward of the dual BN(+ReLU): (grad_z, grad_weight, grad_bias)."""
     mean, rstd, mt, s, a, b = stats[:6]
     with torch.autocast(z.device.type, enabled=False):
-        gz = torch.empty_like(z)
+        gz = _kernel_out(z) if triton_path else torch.empty_like(z)
         if triton_path:
             k1, k2, k3, kx, k0, k7, k8, g_w, g_b = _triton_stats_bwd(z, grad, weight, stats, relu)
             _triton_apply_bwd(z, grad, gz, mean, a, b, k1, k2, k3, kx, k0, k7, k8, relu)
@@ -308,17 +328,17 @@ def _bn_bwd(z, grad, weight, bias, stats, relu, triton_path, need_w=True, need_b
             acc = mean.dtype
             count = (z.numel() // 2) // z.shape[1]
             gam = weight.to(acc) if weight is not None else torch.ones_like(mean)
-            sg, sgx, sgt, sgtx, sgtt = _torch_stats_bwd(z, grad, gz, mean, a, b, relu)
+            sg, sgx, sgt, sgtx, sgtt = _torch_stats_bwd(z, grad, gz, mean, mt, a, b, relu)
             gm, gxh = sg / count, sgx * rstd / count  # mean(gy), mean(gy xh)
-            gtm, gtxh, gtt = sgt / count, sgtx * rstd / count, sgtt / count
-            T = gtt - gtm * mt - gtxh * s  # mean(gyt P t)
+            gtm, gtxh, gtt = sgt / count, sgtx * rstd / count, sgtt / count  # gtt = mean(gyt (t - mt))
+            T = gtt - gtxh * s  # mean(gyt P t)
             gr = gam * rstd
             gr2 = gr * rstd
             k1, k2, k3 = gr, -gr2 * s, -gr2 * gtxh
             kx = (-gr * gxh + 2 * gr2 * s * gtxh - gr2 * T) * rstd
-            k0 = -gr * gm + gr2 * s * gtm + gr2 * gtxh * mt
+            k0 = -gr * gm + gr2 * s * gtm
             k7, k8 = -gr2 * gtxh, -gr * gtm
-            _torch_apply_bwd(z, gz, mean, k1, k2, k3, kx, k0, k7, k8)
+            _torch_apply_bwd(z, gz, mean, mt, k1, k2, k3, kx, k0, k7, k8)
             g_w = sgx * rstd + count * rstd * T
             g_b = sg
         g_w = g_w.to(weight.dtype) if weight is not None and need_w else None
@@ -418,23 +438,29 @@ def _bn_relu_conv(bn: nn.Module, conv: nn.Module, x):
     return Dual(_with_bias(Dual.from_z(out).P, conv.bias, 1))
 
 
-def _torch_apply_fwd(z, out, a, b, d, e, relu):
+def _centred(z, mean, mt):
+    """(x - mean, t - mt) of a packed (2n, C, *) input, in the statistics' dtype."""
     n, nd = z.shape[0] // 2, z.dim()
-    acc = a.dtype
-    z2, o2 = z.view(2, n, *z.shape[1:]), out.view(2, n, *z.shape[1:])
-    A, Bc, Dc, E = (_bcast(v, nd) for v in (a, b, d, e))
-    if acc == z.dtype:  # write straight into the output halves
-        torch.addcmul(Bc, z2[0], A, out=o2[0])
-        torch.addcmul(E, z2[0], Dc, out=o2[1])
-        o2[1].addcmul_(z2[1], A)
+    z2 = z.view(2, n, *z.shape[1:])
+    return z2[0].to(mean.dtype) - _bcast(mean, nd), z2[1].to(mean.dtype) - _bcast(mt, nd)
+
+
+def _torch_apply_fwd(z, out, mean, rstd, mt, a, beta, d, relu):
+    """y = a (x - mean) + beta, yt = a (t - mt) + d (x - mean), then the optional ReLU."""
+    n, nd = z.shape[0] // 2, z.dim()
+    o2 = out.view(2, n, *z.shape[1:])
+    xc, tc = _centred(z, mean, mt)
+    A = _bcast(a, nd)
+    if mean.dtype == z.dtype:  # write straight into the output halves
+        torch.addcmul(_bcast(beta, nd), xc, A, out=o2[0])
+        torch.mul(tc, A, out=o2[1]).addcmul_(xc, _bcast(d, nd))
         if relu:
             mask = o2[0] > 0
             o2[0].relu_()
             o2[1].mul_(mask)
         return
-    xp, xt = z2[0].to(acc), z2[1].to(acc)
-    yp = torch.addcmul(Bc, xp, A)
-    yt = torch.addcmul(E, xp, Dc).addcmul_(xt, A)
+    yp = torch.addcmul(_bcast(beta, nd), xc, A)
+    yt = tc.mul_(A).addcmul_(xc, _bcast(d, nd))
     if relu:
         mask = yp > 0
         yp.relu_()
@@ -443,41 +469,40 @@ def _torch_apply_fwd(z, out, a, b, d, e, relu):
     o2[1].copy_(yt)
 
 
-def _torch_stats_bwd(z, grad, gz, mean, a, b, relu):
-    """Masked incoming gradients into ``gz`` (scratch), and the five per-channel sums."""
+def _torch_stats_bwd(z, grad, gz, mean, mt, a, beta, relu):
+    """Masked incoming gradients into ``gz`` (scratch), and the five per-channel sums
+    (of gy, gy (x - mean), gyt, gyt (x - mean), gyt (t - mt): centred before multiplying)."""
     n, nd = z.shape[0] // 2, z.dim()
     acc = mean.dtype
     red = [0, *range(2, nd)]
-    z2, g2, gz2 = z.view(2, n, *z.shape[1:]), grad.view(2, n, *grad.shape[1:]), gz.view(2, n, *z.shape[1:])
-    xp, xt = z2[0].to(acc), z2[1].to(acc)
+    g2, gz2 = grad.view(2, n, *grad.shape[1:]), gz.view(2, n, *z.shape[1:])
+    xc, tc = _centred(z, mean, mt)
     if relu:  # recompute the mask exactly as the forward did
-        mask = torch.addcmul(_bcast(b, nd), xp, _bcast(a, nd)) > 0
+        mask = torch.addcmul(_bcast(beta, nd), xc, _bcast(a, nd)) > 0
         torch.mul(g2, mask, out=gz2)
         del mask
     else:
         gz2.copy_(g2)
     gy, gt = gz2[0].to(acc), gz2[1].to(acc)
-    xc = xp - _bcast(mean, nd)
     sums = [gy.sum(red)]
     tmp = torch.mul(gy, xc)
     sums.append(tmp.sum(red))
     sums.append(gt.sum(red))
     sums.append(torch.mul(gt, xc, out=tmp).sum(red))
-    sums.append(torch.mul(gt, xt, out=tmp).sum(red))
+    sums.append(torch.mul(gt, tc, out=tmp).sum(red))
     return sums
 
 
-def _torch_apply_bwd(z, gz, mean, k1, k2, k3, kx, k0, k7, k8):
-    """In place on ``gz`` (which holds the masked incoming gradients)."""
+def _torch_apply_bwd(z, gz, mean, mt, k1, k2, k3, kx, k0, k7, k8):
+    """In place on ``gz`` (which holds the masked incoming gradients):
+    g_x = k1 gy + k2 gyt + k3 (t - mt) + kx (x - mean) + k0, g_t = k1 gyt + k7 (x - mean) + k8."""
     n, nd = z.shape[0] // 2, z.dim()
     acc = mean.dtype
-    z2, gz2 = z.view(2, n, *z.shape[1:]), gz.view(2, n, *z.shape[1:])
-    xp, xt = z2[0].to(acc), z2[1].to(acc)
-    xc = xp - _bcast(mean, nd)
-    del xp
+    gz2 = gz.view(2, n, *z.shape[1:])
+    xc, tc = _centred(z, mean, mt)
     gy, gt = gz2[0].to(acc), gz2[1].to(acc)
     gx = gy.mul(_bcast(k1, nd)) if acc != z.dtype else gz2[0].mul_(_bcast(k1, nd))
-    gx.addcmul_(gt, _bcast(k2, nd)).addcmul_(xt, _bcast(k3, nd)).addcmul_(xc, _bcast(kx, nd)).add_(_bcast(k0, nd))
+    gx.addcmul_(gt, _bcast(k2, nd)).addcmul_(tc, _bcast(k3, nd)).addcmul_(xc, _bcast(kx, nd)).add_(_bcast(k0, nd))
     gtt = gt.mul(_bcast(k1, nd)) if acc != z.dtype else gz2[1].mul_(_bcast(k1, nd))
     gtt.addcmul_(xc, _bcast(k7, nd)).add_(_bcast(k8, nd))
     if acc != z.dtype:
@@ -486,7 +511,21 @@ def _torch_apply_bwd(z, gz, mean, k1, k2, k3, kx, k0, k7, k8):
 
 
 def _batch_stats(m: nn.modules.batchnorm._NormBase) -> bool:
-    return m.training or (m.running_mean is None and m.running_var is None)
+    """Whether ``m`` normalises with batch statistics (refused where those span processes)."""
+    batch = m.training or (m.running_mean is None and m.running_var is None)
+    if batch and isinstance(m, nn.SyncBatchNorm) and _syncs(m):
+        _refuse("SyncBatchNorm with batch statistics across processes (the dual BatchNorm reduces over the "
+                "local batch only)")
+    return batch
+
+
+def _syncs(m: nn.SyncBatchNorm) -> bool:
+    """SyncBatchNorm's own test: a process group with more than one rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(m.process_group or dist.group.WORLD) > 1
 
 
 def _rule_batchnorm(m, x, *, relu: bool = False):
@@ -551,7 +590,8 @@ _silu = _unary(F.silu, lambda p, y: torch.sigmoid(p) * (1 + p * (1 - torch.sigmo
 def _leaky_relu(x, negative_slope=0.01, inplace=False):
     if not isinstance(x, Dual):
         return F.leaky_relu(x, negative_slope)
-    slope = torch.where(x.primal > 0, 1.0, negative_slope).to(x.P.dtype)
+    # a 0-dim tensor of the activation's dtype: Python scalars would make a float32 slope
+    slope = torch.where(x.primal > 0, x.P.new_ones(()), x.P.new_full((), negative_slope))
     return Dual(x.P * slope)
 
 
@@ -901,6 +941,17 @@ def _fn_getitem(x, idx):
     return Dual(x.P[(slice(None), *key)])
 
 
+class UnsupportedOpError(NotImplementedError):
+    """The dual interpreter met an op it has no exact rule or verified fallback for."""
+
+
+def _refuse(what: str):
+    raise UnsupportedOpError(
+        f"sgr_ext exact mode: {what} has no tangent rule, and using the primal alone would silently drop "
+        "the penalty's dependence on the block input; use LocalNet(mode='double_backward') or mode='fast' "
+        "for this block, or rewrite the op with a supported one (e.g. .transpose(-2, -1) for .mT)")
+
+
 def _fn_getattr(x, name, *default):
     if not _is_dual(x):
         return getattr(x, name, *default)
@@ -908,11 +959,16 @@ def _fn_getattr(x, name, *default):
         return x.shape
     if name == "ndim":
         return x.ndim
-    if name == "T" and x.ndim == 2:
-        return Dual(x.P.transpose(1, 2))
-    if name in ("dtype", "device", "is_cuda", "layout", "requires_grad"):
-        return getattr(x.P, name)
-    return getattr(x.primal, name, *default)
+    if name in ("mT", "mH") and x.ndim >= 2 and not x.P.is_complex():
+        return Dual(x.P.transpose(-2, -1))
+    if name in ("T", "H") and not x.P.is_complex():  # reverses every dimension
+        return Dual(x.P.permute(0, *range(x.ndim, 0, -1)))
+    if name == "real" and not x.P.is_complex():
+        return x
+    value = getattr(x.primal, name, *default)
+    if isinstance(value, torch.Tensor) or callable(value):  # a value or a bound method of the primal alone
+        _refuse(f"the activation attribute .{name}")
+    return value  # metadata (dtype, device, is_cuda, ...): the same for primal and tangent
 
 
 def _per_sample_fn(fn):
@@ -1200,6 +1256,20 @@ def _group_norm_composite(x, num_groups, weight=None, bias=None, eps=1e-5):
     return _norm_affine(y, weight, bias, [1, -1] + [1] * (x.dim() - 2))
 
 
+def _instance_norm_composite(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                             momentum=0.1, eps=1e-5):
+    """Never updates running statistics: the dual pass recomputes a forward the caller ran."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if use_input_stats:
+        dims = tuple(range(2, x.dim()))
+        mean = x.mean(dims, keepdim=True)
+        xc = x - mean
+        y = xc * torch.rsqrt((xc * xc).mean(dims, keepdim=True) + eps)
+    else:
+        y = (x - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
+    return _norm_affine(y, weight, bias, shape)
+
+
 def _softmax_composite(x, dim, dtype=None, log=False):
     if dtype is not None:
         x = x.to(dtype)
@@ -1216,7 +1286,7 @@ class _SafeForwardAD(TorchFunctionMode):
     """Inside the forward-AD fallback, route ops whose forward-AD formulas do not survive a
     later reverse pass to composites of elementary ops:
 
-    - batch_norm (batch statistics), layer_norm, group_norm: their tangent formulas use the
+    - batch_norm (batch statistics), instance_norm, layer_norm, group_norm: their tangent formulas use the
       saved mean / inverse std, which are non-differentiable outputs, so a backward through
       the tangent silently misses the statistics' dependence on the input (wrong gradients);
     - softmax / log_softmax: their formulas update a saved output in place (backward fails).
@@ -1230,6 +1300,8 @@ class _SafeForwardAD(TorchFunctionMode):
             return _layer_norm_composite(*args, **kwargs)
         if func is F.group_norm:
             return _group_norm_composite(*args, **kwargs)
+        if func is F.instance_norm:
+            return _instance_norm_composite(*args, **kwargs)
         if func in _SOFTMAX or func in _LOG_SOFTMAX:
             x = args[0]
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
@@ -1453,18 +1525,23 @@ def _norms(module: nn.Module) -> list:
 class frozen_norm_stats:
     """Context: train-mode norm layers of ``modules`` use batch statistics without updating
     their running statistics (or ``num_batches_tracked``): a recomputed forward must not
-    count twice."""
+    count twice. BatchNorm: ``track_running_stats`` off. InstanceNorm hands its buffers to
+    ``F.instance_norm`` whatever that flag says, so its buffers are hidden as well."""
 
     def __init__(self, *modules: nn.Module):
         self.norms = [m for mod in modules for m in _norms(mod)]
 
     def __enter__(self):
-        self.saved = [(m, m.track_running_stats) for m in self.norms if m.training]
-        for m, _ in self.saved:
+        self.saved = [(m, m.track_running_stats, m.running_mean, m.running_var) for m in self.norms if m.training]
+        for m, *_ in self.saved:
             m.track_running_stats = False
+            if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+                m.running_mean = m.running_var = None
         return self
 
     def __exit__(self, *exc):
-        for m, flag in self.saved:
+        for m, flag, mean, var in self.saved:
             m.track_running_stats = flag
+            if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+                m.running_mean, m.running_var = mean, var
         return False
