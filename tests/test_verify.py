@@ -50,9 +50,9 @@ def test_verify_leaves_the_step_unchanged(mode):
 
 
 def test_verify_names_the_block_whose_engine_is_wrong(monkeypatch):
-    for i, (types, _) in enumerate(dual.MODULE_RULES):
-        if types is nn.Tanh:
-            monkeypatch.setitem(dual.MODULE_RULES, i, (nn.Tanh, lambda m, x: _drop_tanh_tangent(x)))
+    rules = [(nn.Tanh, lambda m, x: _drop_tanh_tangent(x)) if types is nn.Tanh else (types, rule)
+             for types, rule in dual.MODULE_RULES]
+    monkeypatch.setattr(dual, "MODULE_RULES", rules)
     x, y = _batch()
     net = sgr_ext.LocalNet(_blocks(), lam=0.5, verify=True)
     with pytest.raises(verify.EngineMismatch, match="block 1: mode='exact'") as info:
