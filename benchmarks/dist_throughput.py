@@ -5,8 +5,8 @@
 1. One process measures every block's step time (``LocalNet.train_step`` with CUDA events
    recorded in ``on_block_end``) at the batch sizes the parallel schemes use: the global
    batch B, B/N (data parallel, N ranks) and B/M (module parallel, M micro-batches).
-2. The throughput model (``sgr_ext.distributed.model_data_parallel`` /
-   ``model_module_parallel``) turns those times, the gradient bytes per block and the
+2. The throughput model (``throughput_model.model_data_parallel`` /
+   ``model_module_parallel``, in this folder) turns those times, the gradient bytes per block and the
    boundary bytes (x_k and D_k) into predicted step times on N = 1, 2, 4, 8 devices, for an
    assumed link (``--link-gbps``, ``--latency-us``: stated in the output, not measured).
 3. Two processes on the ONE GPU of this machine run ``DataParallelLocalNet`` and
@@ -34,6 +34,8 @@ import torch
 
 import sgr_ext
 from sgr_ext import distributed as sd
+
+import throughput_model  # benchmarks/throughput_model.py, next to this script
 
 
 def build_parser():
@@ -324,7 +326,7 @@ def main(argv=None) -> dict:
     model = []
     for n in args.devices:
         bt = block_times[max(1, B // n)]
-        d = sd.model_data_parallel(bt["block_ms"], grad_bytes, n, link_gbps=args.link_gbps, latency_us=args.latency_us)
+        d = throughput_model.model_data_parallel(bt["block_ms"], grad_bytes, n, link_gbps=args.link_gbps, latency_us=args.latency_us)
         model.append({"scheme": "data", "n_devices": n, "step_ms": d["step_ms"], "samples_per_s": B / (d["step_ms"] / 1e3),
                       "exposed_comm_ms": d["exposed_comm_ms"], "bubble": "-"})
     for m in args.micro_batches:
@@ -334,7 +336,7 @@ def main(argv=None) -> dict:
         for n in args.devices:
             if n < 2 or n > args.modules:
                 continue
-            r = sd.model_module_parallel(bt["block_ms"], bnd, n, m, link_gbps=args.link_gbps, latency_us=args.latency_us)
+            r = throughput_model.model_module_parallel(bt["block_ms"], bnd, n, m, link_gbps=args.link_gbps, latency_us=args.latency_us)
             for kind in ("streamed", "flushed"):
                 step = r[f"step_ms_{kind}"]
                 model.append({"scheme": f"module-{kind}", "n_devices": n, "micro_batches": m,

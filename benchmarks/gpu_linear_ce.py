@@ -90,6 +90,7 @@ _COMPILED = {}
 
 def make_impls(size: dict, no_compile: bool) -> dict:
     """name -> fn(x, w, t) returning the 0-dim loss."""
+    from sgr_ext.ops import _linear_ce_fused as lce_fused  # the fused path's tuning knobs
     from sgr_ext.ops import linear_ce as lce
     from sgr_ext.reference import linear_cross_entropy_torch
 
@@ -101,22 +102,22 @@ def make_impls(size: dict, no_compile: bool) -> dict:
     impls["sgr_ext_auto"] = lambda x, w, t: lce.linear_cross_entropy(x, w, t)
     if size["llm"]:
         def fp32_dw(x, w, t):
-            old = lce.FP32_DW_MAX_BYTES
-            lce.FP32_DW_MAX_BYTES = 1 << 62
+            old = lce_fused.FP32_DW_MAX_BYTES
+            lce_fused.FP32_DW_MAX_BYTES = 1 << 62
             try:
                 return lce.linear_cross_entropy(x, w, t, impl="triton")
             finally:
-                lce.FP32_DW_MAX_BYTES = old
+                lce_fused.FP32_DW_MAX_BYTES = old
 
         impls["sgr_ext_triton_fp32dW"] = fp32_dw
 
         def two_streams(x, w, t):
-            old = lce.GRAD_GEMM_STREAMS
-            lce.GRAD_GEMM_STREAMS = 2
+            old = lce_fused.GRAD_GEMM_STREAMS
+            lce_fused.GRAD_GEMM_STREAMS = 2
             try:
                 return lce.linear_cross_entropy(x, w, t, impl="triton")
             finally:
-                lce.GRAD_GEMM_STREAMS = old
+                lce_fused.GRAD_GEMM_STREAMS = old
 
         impls["sgr_ext_triton_2streams"] = two_streams
     if not no_compile:  # last: the slowest to set up (compilation) and the least important
@@ -249,23 +250,23 @@ def selftest(vocab=(11, 4099, 40000)) -> dict:
                     worst = max(worst, float((a - r).norm() / max(float(r.norm()), 1e-300)))
                 cases += 1
     # the side-stream variant must agree with the one-stream path
-    from sgr_ext.ops import linear_ce as lce
+    from sgr_ext.ops import _linear_ce_fused as lce_fused  # the fused path's tuning knobs
 
-    old_rows, old_streams = lce.chunk_rows, lce.GRAD_GEMM_STREAMS
+    old_rows, old_streams = lce_fused.chunk_rows, lce_fused.GRAD_GEMM_STREAMS
     same = True
     try:
-        lce.chunk_rows = lambda n, h, v: 64
+        lce_fused.chunk_rows = lambda n, h, v: 64
         x = torch.randn(300, 32, device=DEVICE).bfloat16().requires_grad_()
         w = torch.randn(5000, 32, device=DEVICE).bfloat16().requires_grad_()
         t = torch.randint(0, 5000, (300,), device=DEVICE)
         outs = []
         for streams in (1, 2):
-            lce.GRAD_GEMM_STREAMS = streams
+            lce_fused.GRAD_GEMM_STREAMS = streams
             loss = linear_cross_entropy(x, w, t, impl="triton")
             outs.append([loss] + list(torch.autograd.grad(loss, [x, w])))
         same = all(rel(a, c) < 5e-3 for a, c in zip(*outs))  # cuBLAS may pick another algorithm
     finally:
-        lce.chunk_rows, lce.GRAD_GEMM_STREAMS = old_rows, old_streams
+        lce_fused.chunk_rows, lce_fused.GRAD_GEMM_STREAMS = old_rows, old_streams
     return {"cases": cases, "worst_rel_err_fp64": worst, "two_streams_agree": same,
             "passed": worst < 1e-9 and same}
 
@@ -400,7 +401,7 @@ def main(argv=None) -> int:
         sizes = [{"name": "N67_H32_V1000", "N": 67, "H": 32, "V": 1000, "llm": True},
                  {"name": "N64_H16_V10", "N": 64, "H": 16, "V": 10, "llm": False}]
     for size in sizes:
-        from sgr_ext.ops.linear_ce import chunk_rows
+        from sgr_ext.ops._linear_ce_fused import chunk_rows
 
         print(f"== {size['name']} (chunk rows {chunk_rows(size['N'], size['H'], size['V'])})", flush=True)
         try:

@@ -135,7 +135,7 @@ def _init_worker(data_path: str, device: str | None, threads: int) -> None:
 
     torch.set_num_threads(threads)
     from sgr_ext.trainer.data import load_dataset
-    from sgr_ext.trainer.loop import resolve_device
+    from sgr_ext.trainer.runtime import resolve_device
 
     dev = resolve_device(device)
     _DATA = load_dataset(data_path).to(dev)
@@ -144,7 +144,8 @@ def _init_worker(data_path: str, device: str | None, threads: int) -> None:
 
 
 def _run_job(name: str, config: dict, out_dir: str) -> dict:
-    from sgr_ext.trainer.loop import TrainConfig, train
+    from sgr_ext.trainer.config import TrainConfig
+    from sgr_ext.trainer.loop import train
 
     t0 = time.perf_counter()
     try:
@@ -347,7 +348,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from sgr_ext.trainer.loop import resolve_device
+    from sgr_ext.trainer.runtime import resolve_device
 
     dev = resolve_device(args.device)
     workers = args.workers if args.workers is not None else (14 if dev.type == "cuda" else 0)

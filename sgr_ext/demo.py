@@ -14,7 +14,9 @@ from sgr_ext import _checks
 from sgr_ext.data import load_digits
 from sgr_ext.models import DigitsCNN
 from sgr_ext.split import model_units
-from sgr_ext.trainer.loop import TrainConfig, resolve_device, train
+from sgr_ext.trainer.config import TrainConfig
+from sgr_ext.trainer.loop import train
+from sgr_ext.trainer.runtime import resolve_device
 
 METHODS = ("bp", "local", "sgr")
 
@@ -24,8 +26,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="sgr_demo", help="output directory (results.json, learning_curves.png)")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--modules", type=int, default=4, help="number of local blocks K (at most 4)")
-    p.add_argument("--lam", type=float, default=0.1, help="SGR penalty weight")
-    p.add_argument("--distance", default="l2", choices=("l2", "cosine"))
+    p.add_argument("--lam", type=float, default=None,
+                   help="strength; default: the accuracy study's setting (sgr_ext.defaults: handback, grad_ratio, 1.0); "
+                        "a value alone gives DESIGN.md's penalty weight")
+    p.add_argument("--distance", default="l2", choices=("l2", "l2_rel", "cosine"))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
@@ -110,7 +114,7 @@ def run(args) -> int:
         "methods": results,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    plot_curves(results, out / "learning_curves.png", f"{data.name}, K={args.modules}, lambda={args.lam}")
+    plot_curves(results, out / "learning_curves.png", f"{data.name}, K={args.modules}, lambda={args.lam if args.lam is not None else 'default'}")
     print(format_table(results))
     print(f"wrote {out / 'results.json'} and {out / 'learning_curves.png'}")
     return 0

@@ -2,22 +2,24 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgr_ext import _checks
+from sgr_ext import _checks, defaults
 from sgr_ext.blocks import LocalBlock
-from sgr_ext.engine import ENGINES, StepConfig, forward_grad
+from sgr_ext.engine import ENGINES, StepConfig, forward_grad, local, output_side
 from sgr_ext.engine import verify as engine_verify
 from sgr_ext.engine.pipeline import BlockPipeline, overlap_enabled
+from sgr_ext.nonfinite import NONFINITE_POLICIES, NonFiniteError  # noqa: F401  (public here too)
+from sgr_ext.nonfinite import StepGuard as _StepGuard
 
 
-NONFINITE_POLICIES = ("raise", "skip", "warn")
 LAM_MODES = ("fixed", "grad_ratio")
+SIDES = ("input", "output", "handback")
 EAGER_STEP = ("sgr_ext: a local-learning step always runs eagerly (its per-block autograd calls and host sync "
               "cannot be captured in one graph); compile the model code around it, or the blocks' modules")
 
@@ -30,31 +32,20 @@ def eager_step(fn: Callable) -> Callable:
         return torch.compiler.disable(fn)
 
 
-class NonFiniteError(FloatingPointError):
-    """The input, or a loss, penalty or gradient of block ``block`` (0-based) was NaN/Inf.
-
-    ``what``: ``"input"`` (block 0 only), ``"loss"``, ``"penalty"``, ``"boundary gradient"`` (D_k,
-    the gradient the block hands forward) or ``"gradient"`` (its parameter gradient).
-    """
-
-    def __init__(self, block: int, what: str):
-        super().__init__(f"block {block}: non-finite {what}")
-        self.block = block
-        self.what = what
-
-
 @dataclass
 class StepStats:
     """Per-block statistics of one ``train_step``, index k = block k (0-based).
 
-    losses: l_k.  penalties: R_k, None where it was not computed (block 0; lam == 0 without
-    ``track_alignment``): an absent penalty is not a perfect reconciliation.  accuracies: fraction of the
+    losses: l_k.  penalties: R_k, the penalty at boundary k, None where it was not computed
+    (block 0; lam == 0 without ``track_alignment``): an absent penalty is not a perfect
+    reconciliation (under ``side="output"`` it is dist(D_{k-1}, A_k) and trains block k-1).  accuracies: fraction of the
     batch each head classifies right (None where the head is not a classifier).
     cosines, norm_ratios: mean cos(A_k, D_{k-1}) and |A_k| / |D_{k-1}| per boundary,
     None where A_k was not computed (block 0; lam == 0 without ``track_alignment``).
-    penalty_shares: ||lam_k grad R_k|| / ||grad l_k|| over block k's parameters, how much the
-    penalty moves the block's update (the target ``lam`` under ``lam_mode="grad_ratio"``); None
-    where not measured (block 0, lam == 0, or ``lam_mode="fixed"`` without ``track_share``).
+    penalty_shares: ||lam_k grad R_k|| / ||grad l|| over the parameters of the block the
+    boundary-k penalty trains (block k; block k-1 under ``side="output"``), how much the penalty
+    moves that block's update (the target ``lam`` under ``lam_mode="grad_ratio"``); None where not
+    measured (block 0, lam == 0, or ``lam_mode="fixed"`` without ``track_share`` on the input side).
     skipped: True when the ``nonfinite="skip"`` policy dropped the whole step (no ``p.grad``
     was changed). nonfinite_blocks: the blocks whose input, loss, penalty or gradients were
     NaN/Inf (their ``p.grad`` were left as before the step), empty when all were finite.
@@ -79,11 +70,14 @@ class LocalNet(nn.Module):
 
     Args:
         blocks: the K ``LocalBlock``s in order; the last block's head is the classifier.
-        lam: penalty strength >= 0 (0 gives plain local learning): the weight lambda of R_k
+        lam: strength >= 0 (0 gives plain local learning). None (the default): the setting the
+            accuracy study chose on validation (``sgr_ext.defaults``: ``side="handback"``,
+            ``lam_mode="grad_ratio"``, lam 1.0). A number: the weight lambda of R_k
             (``lam_mode="fixed"``), or the penalty gradient's norm as a fraction of the loss
             gradient's, per block and step (``lam_mode="grad_ratio"``).
         distance: ``"l2"``, ``"l2_rel"`` or ``"cosine"`` (see ``sgr_ext.reconcile``).
-        lam_mode: ``"fixed"``: J_k = l_k + lam R_k, the definition (DESIGN.md section 1).
+        lam_mode: (default ``"fixed"`` when ``lam`` is given) ``"fixed"``: J_k = l_k + lam R_k,
+            the definition (DESIGN.md section 1).
             ``"grad_ratio"``: block k's update is grad l_k + lam_k grad R_k with
             lam_k = lam ||grad l_k|| / ||grad R_k||, so one number means the same strength for
             every distance, block, model, batch size and stage of training. Costs the weight
@@ -91,6 +85,15 @@ class LocalNet(nn.Module):
             from the loss's); ``grad="backward"`` only.
         track_share: also measure ``StepStats.penalty_shares`` under ``lam_mode="fixed"``
             (same cost as ``"grad_ratio"``; ``grad="backward"`` only).
+        side: (default ``"input"`` when ``lam`` is given) which block the boundary-k term
+            trains. ``"input"``: block k, whose input
+            gradient A_k is pulled towards D_{k-1} (DESIGN.md section 1). ``"output"``: block k-1,
+            whose output gradient D_{k-1} is pulled towards A_k (``sgr_ext.engine.output_side``):
+            what block k needs reaches block k-1, still without a gradient crossing a boundary.
+            Costs a recompute of block k-1 (forward and double backward) after block k's
+            forward, and keeps x_{k-2} one block longer; ``grad="backward"``, no CUDA overlap.
+            ``"handback"``: the control experiment for ``"output"``, no distance: block k-1 also
+            descends lam_k l_k through x_{k-1} (``output_side.handback_step``; ``distance`` unused).
         loss_fn: ``loss_fn(head_output, y) -> 0-dim`` batch MEAN loss; cross-entropy by
             default. The batch scaling of A_k and D_k assumes mean reduction.
         mode: ``"exact"`` (default): the exact penalty gradient from one tangent-carrying
@@ -131,7 +134,7 @@ class LocalNet(nn.Module):
         self,
         blocks: Sequence[LocalBlock],
         *,
-        lam: float,
+        lam: Optional[float] = None,
         distance: str = "l2",
         loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
         mode: str = "exact",
@@ -142,9 +145,10 @@ class LocalNet(nn.Module):
         fg_per_sample: bool = True,
         nonfinite: str = "raise",
         overlap="auto",
-        lam_mode: str = "fixed",
+        lam_mode: Optional[str] = None,
         track_share: bool = False,
         verify: bool = False,
+        side: Optional[str] = None,
     ):
         super().__init__()
         if not (isinstance(blocks, nn.Module) or hasattr(blocks, "__iter__")) or isinstance(blocks, str):
@@ -168,6 +172,10 @@ class LocalNet(nn.Module):
             raise TypeError(f"verify: expected a bool, got {type(verify).__name__}")
         self.verify = verify
         self._verified: dict[int, tuple] = {}  # block -> the module signature last checked
+        if lam is None and grad == "forward":
+            raise ValueError("lam: the default (sgr_ext.defaults, chosen with backprop inside the blocks) does not "
+                             "apply to grad='forward'; pass lam (and side='input') explicitly")
+        lam, lam_mode, side = defaults.resolve(lam, lam_mode, side)
         self.blocks = nn.ModuleList(blocks)
         self.mode = _checks.choice("mode", mode, ENGINES)
         self.config = StepConfig(
@@ -182,6 +190,10 @@ class LocalNet(nn.Module):
             track_share=track_share,
         )
         self.grad = _checks.choice("grad", grad, ("backward", "forward"))
+        self.side = _checks.choice("side", side, SIDES)
+        if self.side != "input" and (self.grad == "forward" or overlap is True):
+            raise ValueError(f"side={self.side!r} needs grad='backward' and overlap False or 'auto': block k-1's penalty "
+                             "is computed by backprop once block k's input gradient is known")
         if self.grad == "forward" and self.config.split_grads:
             raise ValueError("lam_mode='grad_ratio' and track_share=True need grad='backward': the forward-gradient "
                              "engine estimates the loss and penalty gradients together")
@@ -248,12 +260,14 @@ class LocalNet(nn.Module):
         engine = self.step_engine()
         needs_d = self.config.lam > 0 or self.config.track_alignment
         guard = _StepGuard(self.blocks, x)
+        if self.config.loss_fn is F.cross_entropy:
+            self._check_label_range(x, y)
+        if self.side != "input" and self.config.lam > 0:
+            return self._collect(self._output_side_blocks(x, y, engine, guard, on_block_end), guard)
         results = []
         h, d = x, None
         last = len(self.blocks) - 1
         pipe = BlockPipeline(x, overlap_enabled(self.overlap, x, len(self.blocks)))
-        if self.config.loss_fn is F.cross_entropy:
-            self._check_label_range(x, y)
         for k, block in enumerate(self.blocks):
             with pipe.block(k, h, d, y):  # CUDA: block k's stream; no-op otherwise
                 self._verify_block(k, block, engine, h, y, d)
@@ -279,6 +293,34 @@ class LocalNet(nn.Module):
         if self._verified.get(k) != sig:
             engine_verify.check(k, self.mode, engine, block, h, y, d, self.config, engine_verify.SAMPLES)
             self._verified[k] = sig
+    def _output_side_blocks(self, x, y, engine, guard: "_StepGuard", on_block_end) -> list:
+        """The step loop for ``side="output"``: block k runs as plain local learning (keeping
+        A_k), then block k-1 gets its penalty from A_k (``output_side.step``). Block k-1's
+        statistics, non-finite check and ``on_block_end`` wait for that. Index k of the
+        penalties and shares is boundary k (acting on block k-1)."""
+        cfg = replace(self.config, lam=0.0, track_alignment=True, keep_input_grad=True, track_share=False)
+        results, pending = [], None  # pending: (block, its input, RNG snapshot, result) of block k-1
+        h, d, last = x, None, len(self.blocks) - 1
+        for k, block in enumerate(self.blocks):
+            rng = local.replay_rng(h.device, active=k < last and local.is_stochastic(block))
+            r = engine(block, h, y, d, cfg, need_output_grad=k < last)
+            if pending is not None:
+                p_block, p_input, p_rng, p_result = pending
+                side_step = output_side.step if self.side == "output" else output_side.handback_step
+                r.penalty, r.share = side_step(p_block, p_input, y, r.input_grad, self.config, p_rng)
+                self._finish_block(k - 1, p_result, results, guard, on_block_end)
+            r.input_grad = None
+            pending = (block, h, rng, r)
+            h, d = r.output, r.output_grad
+        self._finish_block(last, pending[3], results, guard, on_block_end)
+        return results
+
+    @staticmethod
+    def _finish_block(k: int, r, results: list, guard: "_StepGuard", on_block_end) -> None:
+        guard.check_block(k, r)
+        if on_block_end is not None:
+            on_block_end(k, r)
+        results.append(r.statistics())
 
     def _check_label_range(self, x: torch.Tensor, y: torch.Tensor, probe: bool = True) -> None:
         counts = self._head_classes(x, probe)
@@ -384,96 +426,3 @@ def _check_same_classes(counts: list) -> None:
                 f"blocks[{k}].head: predicts {c} classes, but blocks[{first[0]}].head predicts "
                 f"{first[1]}; with the cross-entropy loss every head must output the same classes"
             )
-
-
-_WHAT = ("input", "loss", "penalty", "boundary gradient", "gradient")
-
-
-def _host_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-class _StepGuard:
-    """Non-finite detection and rollback for one ``train_step``.
-
-    Before the step: a copy of every existing ``p.grad`` of the blocks' trainable parameters
-    (None stays None: nothing is copied in the usual ``zero_grad(set_to_none=True)`` loop) and
-    of the running statistics of train-mode normalisation layers. Per block, flags (device
-    tensors, no sync) for a non-finite loss, penalty, D_k and parameter gradient (the gradient flag
-    is the sum of per-tensor L1 norms of the block's ``p.grad``, in float64, after the block's
-    step: non-finite exactly when some entry is). ``read`` brings statistics and flags to the
-    host in one transfer; ``restore(blocks)`` puts those blocks' saved state back.
-    """
-
-    def __init__(self, blocks, x: torch.Tensor):
-        self.blocks = blocks
-        self.params = [b.trainable_parameters() for b in blocks]
-        self.grads: dict[int, Optional[torch.Tensor]] = {}
-        for ps in self.params:
-            for p in ps:
-                if id(p) not in self.grads:
-                    self.grads[id(p)] = None if p.grad is None else p.grad.detach().clone()
-        self.buffers = []
-        for b in blocks:
-            bufs = [t for m in b.modules()
-                    if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
-                    for t in m.buffers(recurse=False)]
-            self.buffers.append([(t, t.detach().clone()) for t in bufs])
-        self.device = x.device
-        self.input_bad = (~torch.isfinite(x).all()) if (x.is_floating_point() or x.is_complex()) else None
-        self.grad_bad: list[Optional[torch.Tensor]] = []
-        self.d_bad: list[Optional[torch.Tensor]] = []
-
-    def check_block(self, k: int, r) -> None:
-        self.d_bad.append(None if r.output_grad is None else ~torch.isfinite(r.output_grad).all())
-        grads = [p.grad for p in self.params[k] if p.grad is not None]
-        grads = [g._values() if g.is_sparse else g for g in grads]
-        if not grads:
-            self.grad_bad.append(None)
-            return
-        norms = torch._foreach_norm(grads, 1, dtype=_host_dtype(grads[0].device))
-        total = torch.stack([n.to(norms[0].device) for n in norms]).sum()
-        self.grad_bad.append(~torch.isfinite(total))
-
-    def read(self, results) -> tuple[list[list[Optional[float]]], dict[int, list[str]]]:
-        """Per block [loss, penalty, accuracy, cosine, norm_ratio, share] (None where absent) and
-        {block: [what, ...]} for the non-finite ones; one device-to-host transfer."""
-        dt = _host_dtype(self.device)
-        vals, slots = [], []  # slots: per block, the index in vals of each statistic (None: absent)
-
-        def put(t) -> Optional[int]:
-            if t is None:
-                return None
-            vals.append(t.detach().reshape(()).to(device=self.device, dtype=dt))
-            return len(vals) - 1
-
-        for k, r in enumerate(results):
-            stat = [put(r.loss), put(r.penalty), put(r.accuracy), put(r.cosine), put(r.norm_ratio), put(r.share)]
-            flags = [
-                put(self.input_bad) if k == 0 else None,
-                put(~torch.isfinite(r.loss)),
-                put(None if r.penalty is None else ~torch.isfinite(r.penalty)),
-                put(self.d_bad[k]),
-                put(self.grad_bad[k]),
-            ]
-            slots.append((stat, flags))
-        host = torch.stack(vals).tolist() if vals else []
-        values, bad = [], {}
-        for k, (stat, flags) in enumerate(slots):
-            values.append([None if i is None else host[i] for i in stat])
-            what = [w for w, i in zip(_WHAT, flags) if i is not None and host[i]]
-            if what:
-                bad[k] = what
-        return values, bad
-
-    @torch.no_grad()
-    def restore(self, blocks) -> None:
-        for k in blocks:
-            for p in self.params[k]:
-                saved = self.grads[id(p)]
-                if saved is not None and p.grad is not None and p.grad.shape == saved.shape and not p.grad.is_sparse:
-                    p.grad.copy_(saved)
-                else:
-                    p.grad = None if saved is None else saved.clone()
-            for t, saved in self.buffers[k]:
-                t.copy_(saved)

@@ -8,17 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every narrower float type accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def penalty_dtype(dtype: torch.dtype, distance: str) -> torch.dtype:
-    """What ``reconcile`` computes its per-sample sums in: ``accumulate_dtype`` for l2, and
-    float64 for cosine, whose |a|^2 leaves float32's range beyond |a| ~ 1e19 (and underflows
-    below 1e-19) although the cosine itself does not depend on the scale."""
-    return torch.float64 if distance == "cosine" else accumulate_dtype(dtype)
+from sgr_ext._tensor_util import accumulate_dtype, penalty_dtype
 
 
 def reconcile_per_sample(a: torch.Tensor, d: torch.Tensor, distance: str, eps: float) -> torch.Tensor:

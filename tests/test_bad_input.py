@@ -148,7 +148,7 @@ CASES = [
     ("d-device", "reconcile", lambda _: reconcile(t(2, 3), t(2, 3, device=META)), ValueError,
      r"^d: expected the same device as a"),
     ("distance-unknown", "reconcile", lambda _: reconcile(t(2, 3), t(2, 3), distance="l1"), ValueError,
-     r"^distance: expected one of \('l2', 'cosine'\)"),
+     r"^distance: expected one of \('l2', 'l2_rel', 'cosine'\)"),
     ("distance-none", "reconcile", lambda _: reconcile(t(2, 3), t(2, 3), distance=None), ValueError, r"^distance:"),
     ("eps-negative", "reconcile", lambda _: reconcile(t(2, 3), t(2, 3), eps=-1e-8), ValueError,
      r"^eps: expected a finite number >= 0"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from _dist_util import TIMEOUT_S, check_all_ok, launch
 from _dist_util import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import throughput_model  # noqa: E402  (benchmarks/: the throughput model is benchmark analysis)
+
 EXAMPLE = ROOT / "benchmarks" / "dist_train_example.py"
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -268,21 +272,21 @@ def test_partition_and_bubble():
 
 def test_throughput_model():
     # 4 equal blocks, 1 ms each per micro-batch, free links: P=4 stages, M=8.
-    m = sd.model_module_parallel([1.0] * 4, [0.0] * 4, 4, 8, link_gbps=1e9, latency_us=0.0)
+    m = throughput_model.model_module_parallel([1.0] * 4, [0.0] * 4, 4, 8, link_gbps=1e9, latency_us=0.0)
     assert m["placement"] == [1, 1, 1, 1]
     assert m["step_ms_flushed"] == pytest.approx(11.0)  # (M + P - 1) * t
     assert m["step_ms_streamed"] == pytest.approx(8.0)
     assert m["bubble_flushed"] == pytest.approx(sd.pipeline_bubble(4, 8))
     # A slow link dominates the stage time.
-    slow = sd.model_module_parallel([1.0] * 4, [2e6] * 4, 2, 4, link_gbps=1.0, latency_us=0.0)
+    slow = throughput_model.model_module_parallel([1.0] * 4, [2e6] * 4, 2, 4, link_gbps=1.0, latency_us=0.0)
     assert slow["stage_ms"][0] == pytest.approx(2.0)
     # Data parallel: the reduction of block k overlaps block k+1; only the last one is exposed.
-    d = sd.model_data_parallel([1.0, 1.0], [1e6, 1e6], 2, link_gbps=1.0, latency_us=0.0)
+    d = throughput_model.model_data_parallel([1.0, 1.0], [1e6, 1e6], 2, link_gbps=1.0, latency_us=0.0)
     assert d["comm_ms"] == pytest.approx(2.0)  # 2 * (1/2) * 1 MB / 1 GB/s = 1 ms per block
     assert d["step_ms"] == pytest.approx(3.0)  # compute 2 ms, then the last reduction (1 ms)
-    assert sd.model_data_parallel([1.0, 1.0], [1e6, 1e6], 2, link_gbps=1.0, latency_us=0.0,
+    assert throughput_model.model_data_parallel([1.0, 1.0], [1e6, 1e6], 2, link_gbps=1.0, latency_us=0.0,
                                   overlap=False)["step_ms"] == pytest.approx(4.0)
-    assert sd.model_data_parallel([1.0], [1e6], 1, link_gbps=1.0)["step_ms"] == pytest.approx(1.0)
+    assert throughput_model.model_data_parallel([1.0], [1e6], 1, link_gbps=1.0)["step_ms"] == pytest.approx(1.0)
 
 
 def test_not_launched_and_not_initialised(monkeypatch):

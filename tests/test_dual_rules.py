@@ -131,7 +131,9 @@ def test_dual_batchnorm_triton_multi_tile_any_layout(layout):
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    assert dual._blocks(67, 780) == (256, 16) and dual._finalize_blocks(67)[1] < 67
+    from sgr_ext.kernels import dual_batchnorm as kernels
+
+    assert kernels._blocks(67, 780) == (256, 16) and kernels._finalize_blocks(67)[1] < 67
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     shape = (8, 67, 13, 15)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgr_ext import LocalBlock, LocalNet, NonFiniteError
-from sgr_ext.engine import double_backward
+from sgr_ext.engine import decomposed_norms, double_backward
 from sgr_ext.engine import forward_grad as fg
 from sgr_ext.engine.base import StepConfig
 from reference_sgr import sgr_gradients
@@ -314,9 +314,9 @@ def test_second_order_norm_decompositions():
     w, b = torch.rand(3, dtype=DT) + 0.5, torch.randn(3, dtype=DT)
     cases = [
         (lambda t: F.batch_norm(t, None, None, w, b, training=True),
-         lambda t: fg._batch_norm(t, None, None, w, b, training=True)),
-        (lambda t: F.layer_norm(t, (5, 5)), lambda t: fg._layer_norm(t, (5, 5))),
-        (lambda t: F.instance_norm(t, weight=w, bias=b), lambda t: fg._instance_norm(t, weight=w, bias=b)),
+         lambda t: decomposed_norms._batch_norm(t, None, None, w, b, training=True)),
+        (lambda t: F.layer_norm(t, (5, 5)), lambda t: decomposed_norms._layer_norm(t, (5, 5))),
+        (lambda t: F.instance_norm(t, weight=w, bias=b), lambda t: decomposed_norms._instance_norm(t, weight=w, bias=b)),
     ]
     for native, ours in cases:
         assert torch.allclose(native(x), ours(x), atol=1e-12)
@@ -327,7 +327,7 @@ def test_second_order_norm_decompositions():
 
             zero, one = torch.zeros((), dtype=DT), torch.ones((), dtype=DT)
             inner = lambda c: torch.func.jvp(lambda a: f(a, c), (zero,), (one,))[1]  # noqa: E731
-            with fg._DecomposedNorms():
+            with decomposed_norms._DecomposedNorms():
                 return torch.func.jvp(inner, (zero,), (one,))[1], f
 
         value, f = mixed(native)  # native op routed through the decomposition

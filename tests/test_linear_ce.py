@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import sgr_ext.ops._linear_ce_double_backward as lce_double
+import sgr_ext.ops._linear_ce_fused as lce_fused
 import sgr_ext.ops.linear_ce as lce
 from sgr_ext.ops import _backends, linear_cross_entropy
 from sgr_ext.reference import linear_cross_entropy_torch
@@ -101,7 +103,7 @@ def test_matches_float64_reference(impl, v, bias):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_triton_many_chunks_whole_chunk_ignored(monkeypatch, reduction):
     # 4-row chunks: rows 4..7 (a whole chunk) and one more row are ignored
-    monkeypatch.setattr(lce, "chunk_rows", lambda n, h, v: 4)
+    monkeypatch.setattr(lce_fused, "chunk_rows", lambda n, h, v: 4)
     _check_first_order("triton", 13, 6, 11, reduction, True, ignore=(4, 5, 6, 7, 11), device=DEV)
 
 
@@ -118,11 +120,11 @@ def test_triton_looped_rows(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="side streams need CUDA")
 def test_cuda_two_stream_grad_gemms_match(monkeypatch):
-    monkeypatch.setattr(lce, "chunk_rows", lambda n, h, v: 64)
+    monkeypatch.setattr(lce_fused, "chunk_rows", lambda n, h, v: 64)
     x, w, b, t = make(300, 32, 5000, dtype=torch.bfloat16, device="cuda", ignore=(7,))
     out = []
     for streams in (1, 2):
-        monkeypatch.setattr(lce, "GRAD_GEMM_STREAMS", streams)
+        monkeypatch.setattr(lce_fused, "GRAD_GEMM_STREAMS", streams)
         loss = linear_cross_entropy(x, w, t, bias=b, impl="triton")
         out.append([loss] + list(torch.autograd.grad(loss, [x, w, b])))
     for a, c in zip(*out):  # same kernels; cuBLAS may pick another algorithm on the side stream
@@ -209,8 +211,8 @@ def test_accumulates_into_dot_grad(impl):
 def test_low_precision_error_vs_plain_torch(impl, dtype, monkeypatch):
     """Error vs float64 (on the same rounded inputs) is at most about plain torch's in this dtype."""
     if impl == "triton" and dtype == torch.bfloat16:
-        monkeypatch.setattr(lce, "FP32_DW_MAX_BYTES", 0)  # the big-weight path: dW in bf16 across chunks
-        monkeypatch.setattr(lce, "chunk_rows", lambda n, h, v: 16)
+        monkeypatch.setattr(lce_fused, "FP32_DW_MAX_BYTES", 0)  # the big-weight path: dW in bf16 across chunks
+        monkeypatch.setattr(lce_fused, "chunk_rows", lambda n, h, v: 16)
     dev = _device(impl)
     n, h, v = 37, 64, 1000
     x, w, b, t = make(n, h, v, dtype=dtype, device=dev, ignore=(5,), scale=3.0)
@@ -305,7 +307,7 @@ def test_torch_gradgradcheck():
 
 @triton_only
 def test_triton_double_backward_chunked(monkeypatch):
-    monkeypatch.setattr(lce, "DOUBLE_BACKWARD_CHUNK_BYTES", 3 * 2 * 11 * 8)  # 3-row chunks
+    monkeypatch.setattr(lce_double, "DOUBLE_BACKWARD_CHUNK_BYTES", 3 * 2 * 11 * 8)  # 3-row chunks
     x, w, b, t = make(10, 4, 11, ignore=(0, 1, 2), device=DEV)
     for a, r in zip(_penalty_grads("triton", x, w, b, t, "mean"), _penalty_grads(None, x, w, b, t, "mean")):
         assert rel(a, r) < 1e-10

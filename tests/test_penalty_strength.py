@@ -122,3 +122,76 @@ def test_block_without_penalty_path_gets_loss_gradient_only():
     got, stats = _run(blocks, x, y, "exact", 0.5, "l2", lam_mode="grad_ratio")
     assert rel(flat_grads(got)[1], want[1]) < 1e-12
     assert stats.penalty_shares[1] == 0.0
+
+
+# ------------------------------------------------------------------ side="output"
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast", "double_backward"])
+@pytest.mark.parametrize("make", [mlp_blocks, resnet_blocks])
+@pytest.mark.parametrize("distance,lam_mode", [("l2", "fixed"), ("l2", "grad_ratio"), ("cosine", "grad_ratio")])
+def test_output_side_equals_double_backward_float64(mode, make, distance, lam_mode):
+    from reference_sgr import output_side_gradients
+
+    torch.manual_seed(3)
+    blocks, x = make()
+    y = torch.randint(0, CLASSES, (x.shape[0],))
+    ref = copy.deepcopy(blocks)
+    shares = []
+    want = output_side_gradients(ref, x, y, 0.4, distance, lam_mode=lam_mode, shares=shares)
+    got, stats = _run(blocks, x, y, mode, 0.4, distance, lam_mode=lam_mode, side="output")
+    for g, w in zip(flat_grads(got), want):
+        assert rel(g, torch.cat([t.flatten() for t in w])) < 1e-10
+    for b, rb in zip(got, ref):  # running statistics updated once (the recompute is frozen)
+        for s, r in zip(b.buffers(), rb.buffers()):
+            assert torch.equal(s, r)
+    assert stats.penalty_shares[0] is None and stats.penalties[0] is None  # no boundary 0
+    assert stats.penalty_shares[1:] == pytest.approx(shares[1:], rel=1e-9)
+    assert all(p > 0 for p in stats.penalties[1:])
+
+
+def test_output_side_replays_dropout_and_leaves_the_rng_as_without_replay():
+    from reference_sgr import output_side_gradients
+
+    blocks, x = mlp_blocks(dropout=0.3)
+    y = torch.randint(0, CLASSES, (x.shape[0],))
+    ref = copy.deepcopy(blocks)
+    torch.manual_seed(4)
+    want = output_side_gradients(ref, x, y, 0.4)
+    after_ref = torch.rand(3)
+    torch.manual_seed(4)
+    got, _ = _run(blocks, x, y, "exact", 0.4, "l2", side="output")
+    after = torch.rand(3)
+    for g, w in zip(flat_grads(got), want):
+        assert rel(g, torch.cat([t.flatten() for t in w])) < 1e-10
+    assert torch.equal(after, after_ref)
+
+
+def test_output_side_refusals():
+    blocks, _ = mlp_blocks()
+    with pytest.raises(ValueError, match="side"):
+        sgr_ext.LocalNet(blocks, lam=0.1, side="both")
+    with pytest.raises(ValueError, match="side='handback' needs grad='backward'"):
+        sgr_ext.LocalNet(blocks, lam=0.1, side="handback", grad="forward")
+    with pytest.raises(ValueError, match="side='output' needs grad='backward'"):
+        sgr_ext.LocalNet(blocks, lam=0.1, side="output", grad="forward")
+    with pytest.raises(ValueError, match="side='output'"):
+        sgr_ext.LocalNet(blocks, lam=0.1, side="output", overlap=True)
+
+
+@pytest.mark.parametrize("mode", ["exact", "double_backward"])
+def test_handback_equals_one_boundary_backprop_float64(mode):
+    from reference_sgr import handback_gradients
+
+    torch.manual_seed(5)
+    blocks, x = resnet_blocks()
+    y = torch.randint(0, CLASSES, (x.shape[0],))
+    ref = copy.deepcopy(blocks)
+    want = handback_gradients(ref, x, y, 0.6)
+    got, stats = _run(blocks, x, y, mode, 0.6, "l2", side="handback")
+    for g, w in zip(flat_grads(got), want):
+        assert rel(g, torch.cat([t.flatten() for t in w])) < 1e-10
+    for b, rb in zip(got, ref):
+        for s, r in zip(b.buffers(), rb.buffers()):
+            assert torch.equal(s, r)
+    assert all(s > 0 for s in stats.penalty_shares[1:])

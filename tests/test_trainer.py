@@ -77,6 +77,10 @@ def test_train_every_method_on_digits(method, tmp_path):
         assert {"test_acc_block0", "test_acc_block1", "cos_block1", "norm_ratio_block1", "step_time_ms"} <= set(header)
     if method.startswith("sgr"):
         assert res["history"][-1]["block_penalty"][1] > 0
+        # the default (the study's handback, grad_ratio 1.0): its share is logged per step
+        steps = (tmp_path / "steps.csv").read_text().splitlines()
+        col = steps[0].split(",").index("penalty_share_block1")
+        assert float(steps[1].split(",")[col]) == pytest.approx(1.0)
 
 
 def test_train_on_npz_with_augmentation_and_plots(tmp_path):

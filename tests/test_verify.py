@@ -7,6 +7,7 @@ from torch import nn
 
 import sgr_ext
 from sgr_ext.engine import dual, verify
+from sgr_ext.engine.dual import modules as dual_modules
 
 CLASSES = 3
 
@@ -51,8 +52,8 @@ def test_verify_leaves_the_step_unchanged(mode):
 
 def test_verify_names_the_block_whose_engine_is_wrong(monkeypatch):
     rules = [(nn.Tanh, lambda m, x: _drop_tanh_tangent(x)) if types is nn.Tanh else (types, rule)
-             for types, rule in dual.MODULE_RULES]
-    monkeypatch.setattr(dual, "MODULE_RULES", rules)
+             for types, rule in dual_modules.MODULE_RULES]
+    monkeypatch.setattr(dual_modules, "MODULE_RULES", rules)
     x, y = _batch()
     net = sgr_ext.LocalNet(_blocks(), lam=0.5, verify=True)
     with pytest.raises(verify.EngineMismatch, match="block 1: mode='exact'") as info:

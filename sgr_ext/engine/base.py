@@ -23,6 +23,8 @@ class StepConfig:
     lam_mode: str = "fixed"
     # measure ||lam_k grad R_k|| / ||grad l_k|| per block (always measured under "grad_ratio")
     track_share: bool = False
+    # return A_k in BlockResult.input_grad (LocalNet(side="output") hands it back to block k-1)
+    keep_input_grad: bool = False
 
     @property
     def split_grads(self) -> bool:
@@ -44,6 +46,7 @@ class BlockResult:
         or None when A_k was not computed.
     share: 0-dim ||lam_k grad_theta R_k|| / ||grad_theta l_k|| over the block's parameters, the
         penalty's share of the update, or None when not measured (``StepConfig.split_grads``).
+    input_grad: A_k = B dl_k/du_k (detached), only under ``StepConfig.keep_input_grad``.
     ready: optional ``torch.cuda.Event`` recorded (on the block's stream) as soon as
         ``output`` and ``output_grad`` were computed, before the block's remaining backward
         work: the next block may start after it (``sgr_ext.engine.pipeline``). None: the
@@ -59,11 +62,12 @@ class BlockResult:
     norm_ratio: Optional[torch.Tensor] = None
     ready: Optional[Any] = None
     share: Optional[torch.Tensor] = None
+    input_grad: Optional[torch.Tensor] = None
 
     def statistics(self) -> "BlockResult":
         """This result without x_k and D_k: what a step keeps of a block once the next block
         has them (holding every x_k and D_k would cost the sum of all boundary activations)."""
-        return replace(self, output=None, output_grad=None)
+        return replace(self, output=None, output_grad=None, input_grad=None)
 
 
 @torch.no_grad()

@@ -73,4 +73,5 @@ def step(
         cosine=cos,
         norm_ratio=ratio,
         share=share,
+        input_grad=a.detach() if cfg.keep_input_grad and a is not None else None,
     )

@@ -51,7 +51,7 @@ from torch.overrides import TorchFunctionMode
 from sgr_ext.blocks import LocalBlock
 from sgr_ext.engine import dual, local
 from sgr_ext.engine.base import BlockResult, StepConfig, alignment
-from sgr_ext.reference import accumulate_dtype
+from sgr_ext._tensor_util import accumulate_dtype
 
 # relative perturbation size ||h w|| / ||u|| per compute dtype
 H_REL = {

@@ -18,7 +18,7 @@ from torch import nn
 from sgr_ext.blocks import LocalBlock
 from sgr_ext.engine.base import BlockResult, StepConfig, accuracy, alignment
 from sgr_ext.ops.reconcile import reconcile
-from sgr_ext.reference import accumulate_dtype
+from sgr_ext._tensor_util import accumulate_dtype
 
 _RANDOM_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU)
 _RANDOM_FUNCTIONS = {
@@ -172,15 +172,17 @@ def grad_norm(grads) -> Optional[torch.Tensor]:
     return torch.linalg.vector_norm(torch.stack([n.to(acc) for n in norms]))
 
 
-def accumulate_penalized(params, g_loss, g_pen, cfg: StepConfig) -> torch.Tensor:
+def accumulate_penalized(params, g_loss, g_pen, cfg: StepConfig, loss_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``p.grad += g_l + lam_k g_R`` and the penalty's share ``||lam_k g_R|| / ||g_l||`` (0-dim).
 
     g_loss, g_pen: per parameter, grad_theta l_k and grad_theta R_k (None: zero). lam_k is
     ``cfg.lam`` ("fixed") or ``cfg.lam * ||g_l|| / ||g_R||`` ("grad_ratio": the penalty's
     gradient gets a fixed fraction of the loss gradient's norm, whatever the distance, block,
-    batch or stage of training). Norms are device tensors: no host sync.
+    batch or stage of training). ``loss_norm``: ||g_l|| when g_l was added elsewhere (then
+    ``g_loss`` holds Nones). Norms are device tensors: no host sync.
     """
-    nl, nr = grad_norm(g_loss), grad_norm(g_pen)
+    nl = grad_norm(g_loss) if loss_norm is None else loss_norm
+    nr = grad_norm(g_pen)
     if nr is None:  # the penalty does not reach any parameter
         accumulate(params, g_loss)
         return torch.zeros((), device=params[0].device) if nl is None else torch.zeros_like(nl)
@@ -252,4 +254,5 @@ def step(
         cosine=cos,
         norm_ratio=ratio,
         ready=ready,
+        input_grad=a.detach() if cfg.keep_input_grad and a is not None else None,
     )

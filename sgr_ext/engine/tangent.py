@@ -40,7 +40,7 @@ import torch
 from sgr_ext.blocks import LocalBlock
 from sgr_ext.engine import dual, local
 from sgr_ext.engine.base import BlockResult, StepConfig, alignment
-from sgr_ext.reference import accumulate_dtype
+from sgr_ext._tensor_util import accumulate_dtype
 
 
 def tangent_scale(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,33 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# Availability is a property of the process, not of the traced values: torch.compile
+# evaluates these once at trace time instead of tracing into the env / import lookups.
+@torch.compiler.assume_constant_result
+def triton_installed_constant() -> bool:
+    return triton_installed()
+
+
+@torch.compiler.assume_constant_result
+def interpret_mode_constant() -> bool:
+    return interpret_mode()
+
+
+def require_triton(op: str, device: torch.device, cpu_alternative: str) -> None:
+    """Raise BackendUnavailable unless ``op(impl='triton')`` can run on ``device``
+    (``cpu_alternative`` names the impls to use for CPU tensors instead)."""
+    if not triton_installed_constant():
+        raise BackendUnavailable(f"{op}(impl='triton'): triton is not installed")
+    if device.type == "cpu" and not interpret_mode_constant():
+        raise BackendUnavailable(
+            f"{op}(impl='triton'): the tensors are on the CPU; Triton kernels need CUDA tensors, "
+            "or TRITON_INTERPRET=1 (set before sgr_ext's kernels are first used) to run them in the "
+            f"CPU interpreter. Use {cpu_alternative} for CPU tensors."
+        )
+    if device.type not in ("cuda", "cpu"):
+        raise BackendUnavailable(f"{op}(impl='triton'): no Triton backend for device {device}")
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """Triton can run on ``device``: a CUDA device, or CPU tensors under TRITON_INTERPRET=1."""
     if not triton_installed():
@@ -94,7 +121,13 @@ def cpp_ops():
 
 
 def info() -> dict:
-    """What is installed and active: {"torch", "triton", "triton_interpret", "cuda", "cpp"}."""
+    """What is installed and active: {"torch", "triton", "triton_interpret", "cuda", "cpp",
+    "ops"}; "ops" maps each op contract of ``sgr_ext.ops`` to the ``impl`` values it takes."""
+    # imported here: the op modules import this one
+    from sgr_ext.ops.dual_batchnorm import IMPLS as dual_batchnorm_impls
+    from sgr_ext.ops.linear_ce import IMPLS as linear_ce_impls
+    from sgr_ext.ops.reconcile import IMPLS as reconcile_impls
+
     triton_version = None
     if triton_installed():
         import triton
@@ -106,4 +139,9 @@ def info() -> dict:
         "triton_interpret": interpret_mode(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpp": cpp_ops() is not None,
+        "ops": {
+            "reconcile": reconcile_impls,
+            "linear_cross_entropy": linear_ce_impls,
+            "dual_batchnorm": dual_batchnorm_impls,
+        },
     }

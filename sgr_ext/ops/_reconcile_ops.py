@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from sgr_ext.ops import _backends
-from sgr_ext.reference import accumulate_dtype, penalty_dtype
+from sgr_ext._tensor_util import accumulate_dtype, penalty_dtype
 
 KERNEL_IMPLS = ("triton", "cpp")
 

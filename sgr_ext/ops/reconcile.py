@@ -22,7 +22,8 @@ import torch
 from sgr_ext import _checks
 from sgr_ext.ops import _backends
 from sgr_ext.ops import _reconcile_ops  # noqa: F401  (registers torch.ops.sgr_ext.reconcile_*)
-from sgr_ext.reference import accumulate_dtype, reconcile_torch
+from sgr_ext._tensor_util import accumulate_dtype
+from sgr_ext.reference import reconcile_torch
 
 IMPLS = ("torch", "cpp", "triton")
 BackendUnavailable = _backends.BackendUnavailable
@@ -35,20 +36,10 @@ SUPPORTED_DTYPES = {
 
 
 # Availability is a property of the process, not of the traced values: torch.compile
-# evaluates these once at trace time instead of tracing into the build / env lookups.
+# evaluates it once at trace time instead of tracing into the build.
 @torch.compiler.assume_constant_result
 def _cpp_built() -> bool:
     return _backends.cpp_ops() is not None
-
-
-@torch.compiler.assume_constant_result
-def _triton_installed() -> bool:
-    return _backends.triton_installed()
-
-
-@torch.compiler.assume_constant_result
-def _triton_interpret() -> bool:
-    return _backends.interpret_mode()
 
 
 def resolve_impl(impl: str | None, device: torch.device, dtype: torch.dtype) -> str:
@@ -58,23 +49,14 @@ def resolve_impl(impl: str | None, device: torch.device, dtype: torch.dtype) -> 
     """
     if impl is None:
         if device.type == "cuda":
-            return "triton" if _triton_installed() else "torch"
+            return "triton" if _backends.triton_installed_constant() else "torch"
         if device.type == "cpu":
             return "cpp" if _cpp_built() else "torch"
         return "torch"
     if impl == "torch":
         return impl
     if impl == "triton":
-        if not _triton_installed():
-            raise BackendUnavailable("reconcile(impl='triton'): triton is not installed")
-        if device.type == "cpu" and not _triton_interpret():
-            raise BackendUnavailable(
-                "reconcile(impl='triton'): the tensors are on the CPU; Triton kernels need CUDA tensors, "
-                "or TRITON_INTERPRET=1 (set before sgr_ext's kernels are first used) to run them in the "
-                "CPU interpreter. Use impl=None or 'cpp' for CPU tensors."
-            )
-        if device.type not in ("cuda", "cpu"):
-            raise BackendUnavailable(f"reconcile(impl='triton'): no Triton backend for device {device}")
+        _backends.require_triton("reconcile", device, "impl=None or 'cpp'")
     elif impl == "cpp":
         if device.type != "cpu":
             raise BackendUnavailable(

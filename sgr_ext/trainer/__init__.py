@@ -7,7 +7,9 @@ A_k-vs-D_{k-1} alignment diagnostics, writes plots, results and crash-safe check
 from sgr_ext.trainer.augment import random_crop_flip
 from sgr_ext.trainer.checkpoint import CheckpointError
 from sgr_ext.trainer.data import load_dataset
-from sgr_ext.trainer.loop import METHODS, TrainConfig, TrainingDiverged, evaluate, train
+from sgr_ext.trainer.config import METHODS, TrainConfig, TrainingDiverged
+from sgr_ext.trainer.evaluation import evaluate
+from sgr_ext.trainer.loop import train
 
 __all__ = ["CheckpointError", "METHODS", "TrainConfig", "TrainingDiverged", "evaluate", "load_dataset",
            "random_crop_flip", "train"]

@@ -1,7 +1,7 @@
 """``sgr-ext train``: train a model on real data with global BP, plain local learning or SGR.
 
 Adding an option: one ``p.add_argument(...)`` below whose ``dest`` matches a new field of
-``TrainConfig`` (``sgr_ext.trainer.loop``); ``TrainConfig.from_namespace`` copies it over.
+``TrainConfig`` (``sgr_ext.trainer.config``); ``TrainConfig.from_namespace`` copies it over.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import types
 
 from sgr_ext.net import NONFINITE_POLICIES
 from sgr_ext.trainer import archs
-from sgr_ext.trainer.loop import (AUGMENTS, DEFAULT_LAM, GRADS, METHODS, OPTIMIZERS, PARALLEL, SCHEDULES, TrainConfig,
-                                  TrainingDiverged)
+from sgr_ext.trainer.config import (AUGMENTS, DEFAULT_LAM, GRADS, METHODS, OPTIMIZERS, PARALLEL, SCHEDULES, TrainConfig,
+                                    TrainingDiverged)
 
 EXAMPLES = """examples:
   sgr-ext train --arch resnet32 --modules 8 --method sgr --lam 0.1 --data .data/cifar10_subset.npz --out runs/r32-k8-sgr
@@ -91,8 +91,17 @@ def register(subparsers) -> None:
     g.add_argument("--method", default=d.method, choices=METHODS,
                    help="bp: global backprop of the unsplit model; local: plain local learning (lambda 0); "
                    "sgr: SGR, exact engine; sgr-fast: SGR, fast engine (default %(default)s)")
-    g.add_argument("--lam", type=_float(0.0), default=None, help=f"SGR penalty weight lambda >= 0 (default {DEFAULT_LAM} for sgr)")
-    g.add_argument("--distance", default=d.distance, choices=("l2", "cosine"), help="SGR distance (default %(default)s)")
+    g.add_argument("--lam", type=_float(0.0), default=None, help=f"strength lambda >= 0 (default {DEFAULT_LAM} with --lam-mode grad_ratio --side handback, the "
+                   "accuracy study's choice; a --lam alone gives DESIGN.md's penalty weight)")
+    g.add_argument("--distance", default=d.distance, choices=("l2", "l2_rel", "cosine"),
+                   help="SGR distance (default %(default)s; unused by --side handback)")
+    g.add_argument("--lam-mode", default=None, choices=("fixed", "grad_ratio"),
+                   help="fixed: lambda weighs the penalty; grad_ratio: lambda is the term's gradient norm over the "
+                        "loss gradient's, per block (default: grad_ratio without --lam, fixed with it)")
+    g.add_argument("--side", default=None, choices=("input", "output", "handback"),
+                   help="which block the boundary-k term trains: input (block k, DESIGN.md), output (block k-1) or "
+                        "handback (block k-1 also descends block k's loss); default: handback without --lam "
+                        "(the study's choice, sgr_ext.defaults), input with it")
     g.add_argument("--lam-warmup", type=_float(0.0), default=d.lam_warmup, metavar="EPOCHS",
                    help="ramp lambda linearly from 0 over this many epochs (default 0: off)")
     g.add_argument("--image-size", type=_int_at_least(1), default=None,

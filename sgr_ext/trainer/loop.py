@@ -11,19 +11,19 @@ rank builds the same model from the same seed and reads the same global batches 
 same order with the same augmentation (the generators are seeded from ``cfg.seed`` and
 the epoch only); only the logging rank (``runner.is_logging_rank``) writes files, prints
 or shows a progress bar. Evaluation is sharded over the ranks (counts all-reduced).
+
+This module is the run loop (``train``, ``_Run``); the configuration is in ``config``, device,
+seeds and optimizer in ``runtime``, evaluation in ``evaluation``, ``--resume`` checks in
+``resume``, checkpoint files in ``checkpoint``.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import math
-import os
-import random
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -32,379 +32,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgr_ext import _checks
 from sgr_ext import distributed as sgr_dist
 from sgr_ext.data import TensorDataset
 from sgr_ext.memory import PeakMemory
-from sgr_ext.net import NONFINITE_POLICIES, LocalNet, NonFiniteError
+from sgr_ext.net import LocalNet, NonFiniteError
 from sgr_ext.split import model_units, split
 from sgr_ext.trainer import archs, checkpoint, metrics
 from sgr_ext.trainer.augment import random_crop_flip
 from sgr_ext.trainer.data import load_dataset, match_channels, subset
-
-METHODS = ("bp", "local", "sgr", "sgr-fast")
-SCHEDULES = ("onecycle", "cosine", "constant")
-OPTIMIZERS = ("sgd", "adamw")
-AUGMENTS = ("auto", "crop-flip", "flip", "none")
-GRADS = ("backward", "forward")
-PARALLEL = ("auto", "none", "data", "module")
-DEFAULT_LAM = 0.1
-CHECKPOINT_NAME = "checkpoint.pt"
-
-# Settings that must match for --resume to continue the same run.
-_RESUME_KEYS = (
-    "arch", "modules", "method", "distance", "lam_warmup", "epochs", "batch_size", "lr",
-    "optimizer", "momentum", "weight_decay", "schedule", "amp", "seed", "augment", "image_size",
-    "train_subset", "test_subset", "diag_every", "log_every", "grad", "num_tangents",
-)
-# Keys added after the first checkpoints were written: their value in such a checkpoint.
-_RESUME_DEFAULTS = {"grad": "backward", "num_tangents": 1}
-
-
-class TrainingDiverged(FloatingPointError):
-    """A loss or penalty became NaN/Inf during training."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (the CLI flags of ``sgr-ext train``).
-
-    To add an option: add a field here (with a default) and an ``add_argument`` with the
-    same dest in ``sgr_ext.trainer.cli``; ``TrainConfig.from_namespace`` picks it up. Options
-    that only change how a LocalNet is built go to ``localnet_kwargs``.
-    """
-
-    arch: str = "resnet32"
-    modules: int = 4
-    method: str = "sgr"
-    lam: Optional[float] = None  # None: DEFAULT_LAM for sgr methods, 0 for local
-    distance: str = "l2"
-    lam_warmup: float = 0.0  # epochs of linear lambda warm-up from 0
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.1
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "onecycle"
-    amp: bool = False
-    seed: int = 0
-    data: str = "digits"
-    out: Optional[str] = "runs/train"
-    resume: Optional[str] = None  # None, "auto" (= <out>/checkpoint.pt) or a checkpoint path
-    device: Optional[str] = None
-    deterministic: bool = False
-    augment: str = "auto"
-    image_size: Optional[int] = None
-    train_subset: Optional[int] = None
-    test_subset: Optional[int] = None
-    diag_every: int = 1  # plain local learning: measure cos/ratio of A_k vs D_{k-1} every N steps
-    log_every: int = 10  # sample per-step stats into steps.csv every N steps
-    eval_batch_size: int = 1000
-    checkpoint: bool = True
-    stop_after: Optional[int] = None  # stop after this many epochs of this invocation (resume later)
-    plots: bool = True
-    progress: bool = True
-    grad: str = "backward"  # "forward": BP-free forward-gradient engine (sgr_ext.engine.forward_grad)
-    num_tangents: int = 1  # grad="forward": tangent draws averaged per estimate
-    nonfinite: str = "raise"  # LocalNet's policy for NaN/Inf: raise (stop the run), skip (the step), warn
-    # distributed (under torchrun; ignored otherwise except for checks)
-    parallel: str = "auto"  # auto: data when WORLD_SIZE > 1, else none
-    micro_batches: int = 4  # module parallel: micro-batches per global batch
-    placement: Optional[list] = None  # module parallel: blocks per rank, e.g. [3, 2, 3]
-    dist_timeout: float = 300.0  # seconds before a missing rank is an error (PeerError)
-    extra: dict = field(default_factory=dict)  # free-form tags copied into results.json
-
-    @classmethod
-    def from_namespace(cls, ns) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(ns).items() if k in names})
-
-    # ------------------------------------------------------------------ validation
-    def validate(self) -> "TrainConfig":
-        _checks.choice("--arch", self.arch, tuple(archs.ARCHS))
-        _checks.choice("--method", self.method, METHODS)
-        _checks.choice("--schedule", self.schedule, SCHEDULES)
-        _checks.choice("--optimizer", self.optimizer, OPTIMIZERS)
-        _checks.choice("--augment", self.augment, AUGMENTS)
-        _checks.distance(self.distance)
-        _checks.positive_int("--modules", self.modules)
-        _checks.positive_int("--epochs", self.epochs)
-        _checks.positive_int("--batch-size", self.batch_size)
-        _checks.positive_int("--diag-every", self.diag_every)
-        _checks.positive_int("--log-every", self.log_every)
-        _checks.positive_int("--eval-batch-size", self.eval_batch_size)
-        for name in ("image_size", "train_subset", "test_subset", "stop_after"):
-            v = getattr(self, name)
-            if v is not None:
-                _checks.positive_int("--" + name.replace("_", "-"), v)
-        if self.lam is not None:
-            _checks.nonneg_finite("--lam", self.lam)
-            if self.method in ("bp", "local") and self.lam != 0:
-                raise ValueError(f"--lam: only applies to --method sgr/sgr-fast, got --lam {self.lam} with --method {self.method}")
-        for name in ("lr", "momentum", "weight_decay", "lam_warmup"):
-            _checks.nonneg_finite("--" + name.replace("_", "-"), getattr(self, name))
-        if self.lr <= 0:
-            raise ValueError(f"--lr: expected a number > 0, got {self.lr}")
-        if self.method == "sgr-fast":
-            from sgr_ext.engine import ENGINES
-
-            if "fast" not in ENGINES:
-                raise ValueError(
-                    f"--method sgr-fast: this install has no fast engine (LocalNet modes: {tuple(ENGINES)})"
-                )
-        if self.out is not None and (not isinstance(self.out, (str, os.PathLike)) or not str(self.out).strip()):
-            raise ValueError(f"--out: expected a directory path, got {self.out!r}")
-        if self.resume is not None and self.out is None and self.resume == "auto":
-            raise ValueError("--resume: needs --out (the run directory) or a checkpoint path")
-        # BP-free training
-        _checks.choice("--grad", self.grad, GRADS)
-        _checks.positive_int("--num-tangents", self.num_tangents)
-        if self.grad == "forward" and self.method == "bp":
-            raise ValueError("--grad forward: needs a local method (--method local or sgr); --method bp is global backprop")
-        if self.grad == "forward" and self.method == "sgr-fast":
-            raise ValueError("--grad forward: use --method sgr (sgr-fast selects a backprop engine, "
-                             "which --grad forward replaces)")
-        if self.grad == "backward" and self.num_tangents != 1:
-            raise ValueError(f"--num-tangents: only applies to --grad forward, got --num-tangents {self.num_tangents} "
-                             "with --grad backward")
-        _checks.choice("--nonfinite", self.nonfinite, NONFINITE_POLICIES)
-        if self.method == "bp" and self.nonfinite != "raise":
-            raise ValueError(f"--nonfinite {self.nonfinite}: applies to the local methods (local, sgr, sgr-fast); "
-                             "--method bp stops on a non-finite loss")
-        # distributed
-        _checks.choice("--parallel", self.parallel, PARALLEL)
-        _checks.positive_int("--micro-batches", self.micro_batches)
-        if not (isinstance(self.dist_timeout, (int, float)) and not isinstance(self.dist_timeout, bool)
-                and math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
-            raise ValueError(f"--dist-timeout: expected a finite number of seconds > 0, got {self.dist_timeout!r}")
-        if self.placement is not None:
-            if self.parallel != "module":
-                raise ValueError(f"--placement: only applies to --parallel module, got --parallel {self.parallel}")
-            if (not isinstance(self.placement, (list, tuple)) or not self.placement
-                    or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.placement)):
-                raise ValueError(f"--placement: expected blocks per rank as integers >= 1, e.g. 3,2,3, got {self.placement!r}")
-        if self.parallel == "module" and self.method == "bp":
-            raise ValueError("--parallel module: needs a local method (--method local/sgr); global BP cannot be "
-                             "split into independent stages (use --parallel data)")
-        return self
-
-    @property
-    def lam_value(self) -> float:
-        if self.method in ("bp", "local"):
-            return 0.0
-        return DEFAULT_LAM if self.lam is None else float(self.lam)
-
-    @property
-    def engine_mode(self) -> str:
-        return "fast" if self.method == "sgr-fast" else "exact"
-
-    def localnet_kwargs(self) -> dict:
-        return {
-            "lam": self.lam_value,
-            "distance": self.distance,
-            "mode": self.engine_mode,
-            "track_alignment": self.method == "local",
-            "grad": self.grad,
-            "num_tangents": self.num_tangents,
-            "nonfinite": self.nonfinite,
-        }
-
-    def run_name(self) -> str:
-        if self.method == "bp":
-            return f"{self.arch}-bp-s{self.seed}"
-        tag = self.method if self.method == "local" else f"{self.method}-{self.distance}-lam{self.lam_value:g}"
-        if self.lam_warmup and self.method != "local":
-            tag += f"-warm{self.lam_warmup:g}"
-        if self.grad == "forward":
-            tag += "-fwdgrad" + (f"x{self.num_tangents}" if self.num_tangents > 1 else "")
-        return f"{self.arch}-K{self.modules}-{tag}-s{self.seed}"
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-def resolve_device(name: Optional[str]) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device: expected e.g. 'cpu', 'cuda' or 'cuda:1', got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: cuda was requested but no CUDA device is available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device: {name} does not exist ({torch.cuda.device_count()} CUDA device(s))")
-    return device
-
-
-def derived_seed(seed: int, *tags) -> int:
-    """A 63-bit seed for (seed, tags...), independent across tags (data order, augmentation)."""
-    digest = hashlib.sha256(":".join(str(t) for t in (seed, *tags)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@contextlib.contextmanager
-def deterministic_mode(on: bool):
-    """Deterministic kernels (and cuBLAS workspace config) for the duration of a run."""
-    if not on:
-        yield
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    prev = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.deterministic,
-        torch.backends.cudnn.benchmark,
-    )
-    # warn_only: a few CUDA backward kernels (e.g. adaptive average pooling) have no
-    # deterministic implementation; they warn instead of failing. On CPU every op used is
-    # deterministic and a resumed run is bit-identical.
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2], prev[3]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
-
-
-def _mean(values) -> Optional[float]:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _without_blocks(stats, blocks):
-    """``stats`` with the given blocks' statistics replaced by None (their values are NaN/Inf
-    or belong to a dropped update), so that epoch means stay over the finite steps."""
-    drop = set(blocks)
-    fields = ("losses", "penalties", "accuracies", "cosines", "norm_ratios")
-    return dataclasses.replace(stats, **{
-        f: [None if k in drop else v for k, v in enumerate(getattr(stats, f))] for f in fields})
-
-
-def _per_block_mean(rows: list[list[Optional[float]]], n_blocks: int) -> list[Optional[float]]:
-    """Per block, the mean over steps of its non-None values; ``n_blocks`` Nones when no step
-    counted (a pipeline stage's rows cover only the blocks up to its own)."""
-    return [_mean(r[k] for r in rows) for k in range(len(rows[0]) if rows else n_blocks)]
-
-
-def evaluate(model: nn.Module, net: Optional[LocalNet], x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
-             prepare, autocast) -> tuple[float, list[float]]:
-    """Test accuracy of the model and of every block's head (empty list for global BP)."""
-    correct = _eval_correct(model, net, x, y, batch_size=batch_size, prepare=prepare, autocast=autocast)
-    return _accuracies(correct, len(x), net is not None)
-
-
-def _accuracies(correct: torch.Tensor, n: int, local: bool) -> tuple[float, list[float]]:
-    accs = (correct.double() / max(1, n)).tolist()
-    return accs[-1], (accs if local else [])
-
-
-@torch.no_grad()
-def _eval_correct(model: nn.Module, net: Optional[LocalNet], x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
-                  prepare, autocast) -> torch.Tensor:
-    """Correctly classified samples of (x, y): per block's head (LocalNet) or of the model, on x's device."""
-    trained = net if net is not None else model
-    was_training = trained.training
-    trained.eval()
-    n = len(x)
-    correct = torch.zeros((len(net.blocks) if net is not None else 1,), dtype=torch.long, device=x.device)
-    try:
-        for i in range(0, n, batch_size):
-            xb, yb = prepare(x[i : i + batch_size]), y[i : i + batch_size]
-            with autocast():
-                if net is None:
-                    correct[0] += (model(xb).argmax(1) == yb).sum()
-                else:
-                    h = xb
-                    for k, block in enumerate(net.blocks):
-                        h = block(h)
-                        correct[k] += (block.head(h).argmax(1) == yb).sum()
-    finally:
-        trained.train(was_training)
-    return correct
-
-
-def _make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    params = list(params)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                           weight_decay=cfg.weight_decay)
-
-
-def _make_scheduler(cfg: TrainConfig, opt, total_steps: int):
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
-                                                   cycle_momentum=cfg.optimizer == "sgd" and cfg.momentum > 0)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-
-
-def _batches(n: int, batch_size: int, min_last: int = 2) -> list[tuple[int, int]]:
-    """(start, stop) of each batch; a trailing batch of fewer than ``min_last`` samples joins
-    the previous one (BatchNorm cannot train on a batch of one; under data or module
-    parallelism ``min_last`` keeps every shard or micro-batch at two samples or more)."""
-    bounds = [(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last:
-        bounds[-2] = (bounds[-2][0], n)
-        bounds.pop()
-    return bounds
-
-
-def _resume_path(cfg: TrainConfig) -> Optional[Path]:
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        path = Path(cfg.out) / CHECKPOINT_NAME
-        if not path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path} (start without --resume)")
-        return path
-    path = Path(cfg.resume)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no such checkpoint: {path}")
-    return path
-
-
-def _check_resume_compatible(cfg: TrainConfig, saved: dict, path: Path, data_fp: dict, parallel: str,
-                             placement: Optional[list]) -> None:
-    def layout(parallel_mode, placement_) -> str:
-        return f"module parallel, placement {placement_}" if parallel_mode == "module" else f"--parallel {parallel_mode}"
-
-    if "module" in (saved.get("parallel"), parallel):
-        # Each stage's optimizer state covers its own blocks: the stages must be the same.
-        if saved.get("parallel") == "module" and saved.get("stages") is None:
-            raise ValueError(f"--resume {path}: a module-parallel checkpoint without per-stage optimizer states "
-                             "(written before sgr_ext saved them) cannot be resumed")
-        if (saved.get("parallel"), saved.get("placement")) != (parallel, placement):
-            raise ValueError(f"--resume {path}: a module-parallel run resumes only as the same pipeline (checkpoint: "
-                             f"{layout(saved.get('parallel'), saved.get('placement'))}; now: {layout(parallel, placement)})")
-    old = dict(_RESUME_DEFAULTS, **saved.get("config", {}))
-    diffs = [f"{k}: checkpoint {old.get(k)!r} vs now {getattr(cfg, k)!r}" for k in _RESUME_KEYS
-             if k in old and old.get(k) != getattr(cfg, k)]
-    if "lam_value" in saved and saved["lam_value"] != cfg.lam_value:
-        diffs.append(f"lam: checkpoint {saved['lam_value']!r} vs now {cfg.lam_value!r}")
-    saved_fp = dict(saved.get("dataset") or {})
-    if saved_fp.get("name") == "x_test":  # checkpoints from before 2026-11-22 named every .npz/CIFAR set so
-        saved_fp["name"] = data_fp["name"]
-    if saved_fp and saved_fp != data_fp:
-        diffs.append(f"dataset: checkpoint {saved['dataset']} vs now {data_fp}")
-    if diffs:
-        raise ValueError(f"--resume {path}: the checkpoint is from a different configuration ({'; '.join(diffs)})")
-
-
-# ------------------------------------------------------------------------------ the run
+from sgr_ext.trainer.config import CHECKPOINT_NAME, TrainConfig, TrainingDiverged
+from sgr_ext.trainer.evaluation import _accuracies, _eval_correct, _mean, _per_block_mean, _without_blocks, evaluate
+from sgr_ext.trainer.resume import _check_resume_compatible, _resume_path
+from sgr_ext.trainer.runtime import (_batches, _make_optimizer, _make_scheduler, derived_seed, deterministic_mode,
+                                     resolve_device, seed_everything)
 
 
 def train(cfg: TrainConfig, dataset: Optional[TensorDataset] = None) -> dict:
@@ -728,6 +368,7 @@ class _Run:
                         "step": step, "epoch": epoch + 1, "lr": self.sched.get_last_lr()[0],
                         "lam": self.net.config.lam, "loss": st.losses[-1], "block_train_loss": st.losses,
                         "block_penalty": st.penalties, "cosine": st.cosines, "norm_ratio": st.norm_ratios,
+                        "penalty_share": st.penalty_shares,
                     })
             if st is None or not st.skipped:
                 self.opt.step()

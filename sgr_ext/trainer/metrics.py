@@ -16,6 +16,7 @@ LIST_FIELDS = {
     "block_train_acc": "train_acc_block",
     "cosine": "cos_block",
     "norm_ratio": "norm_ratio_block",
+    "penalty_share": "penalty_share_block",  # ||lam_k grad R_k|| / ||grad l_k|| (StepStats.penalty_shares)
 }
 
 

@@ -17,10 +17,13 @@ Sizes and strides are not specialised and tiles are fixed (16 channels x 256 row
 one compiled variant per (dtype, ReLU) serves every layer and layout (short first-run JIT).
 Grid: axis 0 over blocks of the n * S rows (no 65535 limit there), axis 1 over channel
 blocks. Statistics accumulate in float32 (inputs of any float dtype except float64, which the
-torch path handles). The per-channel coefficient algebra lives in ``sgr_ext.engine.dual``.
+torch path handles). The per-channel coefficient algebra is
+derived in ``sgr_ext.engine.dual.batchnorm.DualBatchNorm``; ``sgr_ext.ops.dual_batchnorm`` is the op
+contract that calls the launchers at the end of this file.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -259,3 +262,112 @@ def _finalize_bwd_kernel(
     tl.store(K8 + offs_c, -gr * gtm, mask=mc)
     tl.store(GW + offs_c, sgx * rstd + count * rstd * T, mask=mc)
     tl.store(GB + offs_c, sg, mask=mc)
+
+
+# -----------------------------------------------------------------------------------------
+# launchers
+# -----------------------------------------------------------------------------------------
+
+
+def _as3d(t: torch.Tensor) -> torch.Tensor:
+    """(2n, C, *spatial) -> (2n, C, S): a view for NCHW, channels_last and (B, C, L) layouts,
+    a copy where the spatial axes cannot be merged (e.g. H and W transposed); inputs only."""
+    return t.unsqueeze(-1) if t.dim() == 2 else t.flatten(2)
+
+
+def _has_3d_view(t: torch.Tensor) -> bool:
+    v = _as3d(t)
+    return v is t or v._is_view()
+
+
+def kernel_out(like: torch.Tensor) -> torch.Tensor:
+    """An empty output shaped like ``like`` that the kernels can write through a (2n, C, S)
+    view (``empty_like`` keeps, e.g., a transposed H/W layout, whose view would be a copy)."""
+    out = torch.empty_like(like)
+    return out if _has_3d_view(out) else torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+def _out3d(t: torch.Tensor) -> torch.Tensor:
+    """The (2n, C, S) view a kernel writes ``t`` through; refuses a copy (its writes would be lost)."""
+    if not _has_3d_view(t):
+        raise RuntimeError(f"dual BatchNorm kernel: an output of shape {tuple(t.shape)} and strides {t.stride()} "
+                           "has no (2n, C, S) view; allocate it with kernel_out")
+    return _as3d(t)
+
+
+def _blocks(C: int, P: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C): fixed, so that one compiled kernel serves every shape."""
+    return 256, 16
+
+
+def _finalize_blocks(C: int) -> tuple[int, int]:
+    return 32, 64
+
+
+def _tiling(z3: torch.Tensor) -> tuple[int, int, int, int, int, tuple[int, int]]:
+    """(n, C, S, BLOCK_P, BLOCK_C, grid) of the (row block, channel block) grid over a (2n, C, S) view."""
+    n, C, S = z3.shape[0] // 2, z3.shape[1], z3.shape[2]
+    bp, bc = _blocks(C, n * S)
+    return n, C, S, bp, bc, (triton.cdiv(n * S, bp), triton.cdiv(C, bc))
+
+
+def stats_fwd(z: torch.Tensor, weight, bias, eps: float):
+    """(8, C) float32: per-channel statistics and apply coefficients mean, rstd, mt, s, a, b, d, e."""
+    z3 = _as3d(z)
+    n, C, S, bp, bc, grid = _tiling(z3)
+    f32 = dict(dtype=torch.float32, device=z.device)
+    cnt = torch.empty(grid[0], **f32)
+    parts = torch.empty(4, grid[0], C, **f32)
+    _stats_fwd_kernel[grid](
+        z3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
+        cnt, parts[0], parts[1], parts[2], parts[3], BLOCK_P=bp, BLOCK_C=bc,
+    )
+    stats = torch.empty(8, C, **f32)
+    br, bc2 = _finalize_blocks(C)
+    _finalize_fwd_kernel[(triton.cdiv(C, bc2),)](
+        cnt, parts[0], parts[1], parts[2], parts[3], grid[0], C,
+        weight if weight is not None else stats, bias if bias is not None else stats, float(eps),
+        *stats, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=br, BLOCK_C=bc2,
+    )
+    return stats
+
+
+def apply_fwd(z, out, a, b, d, e, relu):
+    z3, o3 = _as3d(z), _out3d(out)
+    n, C, S, bp, bc, grid = _tiling(z3)
+    _apply_fwd_kernel[grid](
+        z3, o3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
+        o3.stride(0), o3.stride(1), o3.stride(2), n * o3.stride(0),
+        a, b, d, e, RELU=relu, BLOCK_P=bp, BLOCK_C=bc,
+    )
+
+
+def stats_bwd(z, g, weight, stats, relu):
+    """(k1, k2, k3, kx, k0, k7, k8, g_weight, g_bias): backward coefficients, float32."""
+    mean, rstd, mt, s, a, b = stats[:6]
+    z3, g3 = _as3d(z), _as3d(g)
+    n, C, S, bp, bc, grid = _tiling(z3)
+    parts = torch.empty(5, grid[0], C, dtype=torch.float32, device=z.device)
+    _stats_bwd_kernel[grid](
+        z3, g3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
+        g3.stride(0), g3.stride(1), g3.stride(2), n * g3.stride(0),
+        mean, a, b, *parts, RELU=relu, BLOCK_P=bp, BLOCK_C=bc,
+    )
+    out = torch.empty(9, C, dtype=torch.float32, device=z.device)
+    br, bc2 = _finalize_blocks(C)
+    _finalize_bwd_kernel[(triton.cdiv(C, bc2),)](
+        *parts, grid[0], C, float(n * S), rstd, mt, s, weight if weight is not None else rstd,
+        *out, HAS_W=weight is not None, BLOCK_R=br, BLOCK_C=bc2,
+    )
+    return tuple(out)
+
+
+def apply_bwd(z, g, gz, mean, a, b, k1, k2, k3, kx, k0, k7, k8, relu):
+    z3, g3, o3 = _as3d(z), _as3d(g), _out3d(gz)
+    n, C, S, bp, bc, grid = _tiling(z3)
+    _apply_bwd_kernel[grid](
+        z3, g3, o3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
+        g3.stride(0), g3.stride(1), g3.stride(2), n * g3.stride(0),
+        o3.stride(0), o3.stride(1), o3.stride(2), n * o3.stride(0),
+        mean, a, b, k1, k2, k3, kx, k0, k7, k8, RELU=relu, BLOCK_P=bp, BLOCK_C=bc,
+    )
