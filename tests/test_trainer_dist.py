@@ -169,7 +169,8 @@ def test_two_ranks_data_and_module_parallel_match_one_process(tmp_path):
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--parallel", "data"], "--parallel data: needs a torchrun launch"),
+        # the default side (handback) is refused earlier under --parallel data
+        (["--parallel", "data", "--side", "input", "--lam", "0.1"], "--parallel data: needs a torchrun launch"),
         (["--parallel", "module", "--method", "bp"], "--parallel module: needs a local method"),
         (["--placement", "2,2"], "--placement: only applies to --parallel module"),
         (["--parallel", "module", "--placement", "2,x"], "--placement"),
