@@ -94,7 +94,7 @@ def _train(args, ctx, device) -> dict:
             losses.append(stats.losses[-1])
             if step % args.log_every == 0 or step == args.steps - 1:
                 print(f"[{parallel}] step {step:4d}  loss {stats.losses[-1]:.4f}  "
-                      f"penalties {[round(p, 4) for p in stats.penalties]}", flush=True)
+                      f"penalties {[None if p is None else round(p, 4) for p in stats.penalties]}", flush=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0

@@ -270,8 +270,22 @@ def _finalize_bwd_kernel(
 
 
 def _as3d(t: torch.Tensor) -> torch.Tensor:
-    """(2n, C, *spatial) -> (2n, C, S) (a view for dense layouts, NCHW or channels_last)."""
+    """(2n, C, *spatial) -> (2n, C, S): a view for NCHW, channels_last and (B, C, L) layouts,
+    a copy where the spatial axes cannot be merged (e.g. H and W transposed); inputs only."""
     return t.unsqueeze(-1) if t.dim() == 2 else t.flatten(2)
+
+
+def _has_3d_view(t: torch.Tensor) -> bool:
+    v = _as3d(t)
+    return v is t or v._is_view()
+
+
+def _out3d(t: torch.Tensor) -> torch.Tensor:
+    """The (2n, C, S) view a kernel writes ``t`` through; refuses a copy (its writes would be lost)."""
+    if not _has_3d_view(t):
+        raise RuntimeError(f"dual BatchNorm kernel: an output of shape {tuple(t.shape)} and strides {t.stride()} "
+                           "has no (2n, C, S) view; allocate it with ops._dual_bn_ops._out_like")
+    return _as3d(t)
 
 
 def _blocks(C: int, P: int) -> tuple[int, int]:
@@ -312,7 +326,7 @@ def stats_fwd(z: torch.Tensor, weight, bias, eps: float):
 
 
 def apply_fwd(z, out, a, b, d, e, relu):
-    z3, o3 = _as3d(z), _as3d(out)
+    z3, o3 = _as3d(z), _out3d(out)
     n, C, S, bp, bc, grid = _tiling(z3)
     _apply_fwd_kernel[grid](
         z3, o3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
@@ -342,7 +356,7 @@ def stats_bwd(z, g, weight, stats, relu):
 
 
 def apply_bwd(z, g, gz, mean, a, b, k1, k2, k3, kx, k0, k7, k8, relu):
-    z3, g3, o3 = _as3d(z), _as3d(g), _as3d(gz)
+    z3, g3, o3 = _as3d(z), _as3d(g), _out3d(gz)
     n, C, S, bp, bc, grid = _tiling(z3)
     _apply_bwd_kernel[grid](
         z3, g3, o3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),

@@ -13,6 +13,7 @@ from sgr_ext import _checks, autograd_bridge, defaults
 from sgr_ext.blocks import LocalBlock
 from sgr_ext.engine import ENGINES, StepConfig, forward_grad, local, output_side
 from sgr_ext.engine.base import accuracy
+from sgr_ext.engine import verify as engine_verify
 from sgr_ext.engine.pipeline import BlockPipeline, overlap_enabled
 from sgr_ext.nonfinite import NONFINITE_POLICIES, NonFiniteError  # noqa: F401  (public here too)
 from sgr_ext.nonfinite import StepGuard as _StepGuard
@@ -36,8 +37,9 @@ def eager_step(fn: Callable) -> Callable:
 class StepStats:
     """Per-block statistics of one ``train_step``, index k = block k (0-based).
 
-    losses: l_k.  penalties: R_k, the penalty at boundary k (``penalties[0] == 0.0``; under
-    ``side="output"`` it is dist(D_{k-1}, A_k) and trains block k-1).  accuracies: fraction of the
+    losses: l_k.  penalties: R_k, the penalty at boundary k, None where it was not computed
+    (block 0; lam == 0 without ``track_alignment``): an absent penalty is not a perfect
+    reconciliation (under ``side="output"`` it is dist(D_{k-1}, A_k) and trains block k-1).  accuracies: fraction of the
     batch each head classifies right (None where the head is not a classifier).
     cosines, norm_ratios: mean cos(A_k, D_{k-1}) and |A_k| / |D_{k-1}| per boundary,
     None where A_k was not computed (block 0; lam == 0 without ``track_alignment``).
@@ -51,7 +53,7 @@ class StepStats:
     """
 
     losses: list[float] = field(default_factory=list)
-    penalties: list[float] = field(default_factory=list)
+    penalties: list[Optional[float]] = field(default_factory=list)
     accuracies: list[Optional[float]] = field(default_factory=list)
     cosines: list[Optional[float]] = field(default_factory=list)
     norm_ratios: list[Optional[float]] = field(default_factory=list)
@@ -123,6 +125,13 @@ class LocalNet(nn.Module):
             CPU. Off by default: the caching allocator does not reuse memory across streams,
             so ``max_memory_reserved`` may double, and no GPU has yet shown the time it saves
             (``benchmarks/gpu_check.py`` measures both, on and off).
+        verify: check the engine against double backward on the first step, and again for a
+            block whose modules or train/eval modes changed: the engine (``mode="exact"`` or
+            ``"fast"``) and the reference run on the first ``sgr_ext.engine.verify.SAMPLES`` rows of the batch,
+            and ``sgr_ext.engine.verify.EngineMismatch`` names the block and the relative error
+            when they disagree beyond a dtype-aware bound. For architectures outside the
+            tested op set. Cost (``sgr_ext.engine.verify``): three sub-batch block steps per block,
+            once (measured: about 1.5 full steps, on the first step only); off by default.
     """
 
     def __init__(
@@ -142,6 +151,7 @@ class LocalNet(nn.Module):
         overlap=False,
         lam_mode: Optional[str] = None,
         track_share: bool = False,
+        verify: bool = False,
         side: Optional[str] = None,
     ):
         super().__init__()
@@ -162,6 +172,10 @@ class LocalNet(nn.Module):
             raise TypeError(f"fg_per_sample: expected a bool, got {type(fg_per_sample).__name__}")
         if not isinstance(track_share, bool):
             raise TypeError(f"track_share: expected a bool, got {type(track_share).__name__}")
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify: expected a bool, got {type(verify).__name__}")
+        self.verify = verify
+        self._verified: dict[int, tuple] = {}  # block -> the module signature last checked
         if lam is None and grad == "forward":
             raise ValueError("lam: the default (sgr_ext.defaults, chosen with backprop inside the blocks) does not "
                              "apply to grad='forward'; pass lam (and side='input') explicitly")
@@ -303,6 +317,7 @@ class LocalNet(nn.Module):
         pipe = BlockPipeline(x, overlap_enabled(self.overlap, x, len(self.blocks)))
         for k, block in enumerate(self.blocks):
             with pipe.block(k, h, d, y):  # CUDA: block k's stream; no-op otherwise
+                self._verify_block(k, block, engine, h, y, d)
                 r = engine(block, h, y, d, self.config, need_output_grad=needs_d and k < last)
                 pipe.done(r)
                 guard.check_block(k, r)
@@ -326,6 +341,18 @@ class LocalNet(nn.Module):
         guard.label_bounds = torch.aminmax(y)
         return y.clamp(0, guard.num_classes - 1)
 
+
+    def _verify_block(self, k: int, block: LocalBlock, engine: Callable, h, y, d) -> None:
+        """``verify=True``: compare the engine with double backward on block k, once per module
+        signature (only blocks with a penalty gradient: the others run the plain local step)."""
+        if not self.verify or d is None or self.config.lam == 0 or self.grad != "backward":
+            return
+        if self.mode == "double_backward":
+            return
+        sig = engine_verify.signature(block)
+        if self._verified.get(k) != sig:
+            engine_verify.check(k, self.mode, engine, block, h, y, d, self.config, engine_verify.SAMPLES)
+            self._verified[k] = sig
     def _output_side_blocks(self, x, y, engine, guard: "_StepGuard", on_block_end) -> list:
         """The step loop for ``side="output"``: block k runs as plain local learning (keeping
         A_k), then block k-1 gets its penalty from A_k (``output_side.step``). Block k-1's

@@ -104,7 +104,7 @@ class StepGuard:
             flags = [
                 put(self.input_bad) if k == 0 else None,
                 put(~torch.isfinite(r.loss)),
-                put(~torch.isfinite(r.penalty)),
+                put(None if r.penalty is None else ~torch.isfinite(r.penalty)),
                 put(self.d_bad[k]),
                 put(self.grad_bad[k]),
             ]

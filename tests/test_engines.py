@@ -6,8 +6,9 @@ import copy
 import functools
 import math
 import os
+import json
 import sys
-import weakref
+import tempfile
 
 import pytest
 import torch
@@ -67,6 +68,17 @@ def resnet_blocks(dtype=torch.float64, stride=2):
     return [b.to(dtype) for b in blocks], torch.randn(4, 3, 6, 6, dtype=dtype)
 
 
+def relu_mlp_blocks(dtype=torch.float64):
+    """Two wide ReLU blocks (64 samples, 2 x 128 units each): enough units near their kink
+    that a float32-sized perturbation of the input flips some of them."""
+    torch.manual_seed(0)
+    blocks = [
+        sgr_ext.LocalBlock(nn.Sequential(nn.Linear(a, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU()), nn.Linear(128, CLASSES))
+        for a in (16, 128)
+    ]
+    return [b.to(dtype) for b in blocks], torch.randn(64, 16, dtype=dtype)
+
+
 def flat_grads(blocks):
     return [torch.cat([p.grad.flatten() for p in b.parameters() if p.grad is not None]) for b in blocks]
 
@@ -86,6 +98,20 @@ def reference(blocks, x, y, lam, distance="l2"):
     ref = copy.deepcopy(blocks)
     grads = sgr_gradients(ref, x, y, lam, distance)
     return ref, [torch.cat([g.flatten() for g in gs]) for gs in grads]
+
+
+def reference64(blocks, x, y, lam, distance="l2"):
+    """(g(lam), g(lam) - g(0)) per block: the float64 reference gradient of float32 blocks
+    and its penalty part, the part a lost or mis-scaled penalty changes."""
+    blocks64, x64 = [copy.deepcopy(b).double() for b in blocks], x.double()
+    _, want = reference(blocks64, x64, y, lam, distance)
+    _, base = reference(blocks64, x64, y, 0.0, distance)
+    return want, [w - b for w, b in zip(want, base)]
+
+
+def penalty_part_error(got, want, part):
+    """||g - g_ref|| / ||penalty part of g_ref||, in float64."""
+    return float((got.double() - want).norm() / part.norm())
 
 
 # --------------------------------------------------------------------------- exact
@@ -109,13 +135,17 @@ def test_exact_equals_double_backward_float64(make, distance):
 
 @pytest.mark.parametrize("make", [conv_blocks, resnet_blocks])
 def test_exact_float32_within_1e4_of_reference(make):
+    """Bounded on the penalty part (2-86 % of the gradient here), where a 0.5 % penalty
+    error is 5e-3, not on the whole gradient, where it would hide below 1e-4."""
     torch.backends.cudnn.allow_tf32 = False
     blocks, x = make(torch.float32)
     y = torch.randint(0, CLASSES, (x.shape[0],))
-    _, want = reference(blocks, x, y, 1.0)
+    want, part = reference64(blocks, x, y, 1.0)
     got, _ = run(blocks, x, y, "exact", 1.0)
-    for g, w in zip(flat_grads(got), want):
-        assert rel(g, w) < 1e-4
+    g = flat_grads(got)
+    assert rel(g[0].double(), want[0]) < 1e-5  # block 0: no penalty
+    for k in range(1, len(g)):
+        assert penalty_part_error(g[k], want[k], part[k]) < 1e-4  # measured 2e-7..6e-6
 
 
 def test_exact_stats_equal_reference_engine():
@@ -141,7 +171,12 @@ def test_lam_zero_is_plain_local(mode):
     got, stats = run(blocks, x, y, mode, 0.0)
     for g, w in zip(flat_grads(got), flat_grads(plain)):
         assert rel(g, w) < 1e-12
-    assert stats.penalties == [0.0] * len(blocks)
+    assert stats.penalties == [None] * len(blocks)  # not computed, not "perfectly reconciled"
+    _, tracked = run(blocks, x, y, mode, 0.0, track_alignment=True)
+    _, penalized = run(blocks, x, y, "double_backward", 0.5)  # same R_k: lam changes gradients only
+    assert tracked.penalties[0] is None
+    for got, want in zip(tracked.penalties[1:], penalized.penalties[1:]):  # measured when A_k is at hand
+        assert got == pytest.approx(want, rel=1e-10)
 
 
 def test_exact_with_dropout_replays_the_masks():
@@ -257,7 +292,7 @@ def _penalty_part_error(make, dtype, distance="l2", lam=1.0, **fd):
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 def test_fast_error_within_documented_bound(make, distance):
     # documented (finite_diff.py): penalty-gradient relative error <= 1e-2 in float32
-    # (typically 1e-3..3e-3), <= 1e-5 in float64
+    # (typically 1e-3..3e-3), <= 1e-4 in float64
     err32, *_ = _penalty_part_error(make, torch.float32, distance)
     assert err32 < finite_diff.ERROR_BOUND[torch.float32]
     err64, *_ = _penalty_part_error(make, torch.float64, distance)
@@ -276,10 +311,15 @@ def test_fast_truncation_error_is_first_order_and_bn_stats_once():
             assert torch.equal(s, r)
 
 
-def test_fast_relu_mask_replay_removes_kink_bias():
-    # without replaying the masks, a difference quotient across ReLU flips is O(1) off
-    err, *_ = _penalty_part_error(resnet_blocks, torch.float32)
-    assert err < 1e-2
+def test_fast_relu_mask_replay_removes_kink_bias(monkeypatch):
+    bound = finite_diff.ERROR_BOUND[torch.float32]
+    err, *_ = _penalty_part_error(relu_mlp_blocks, torch.float32)
+    assert err < bound  # measured 5e-4
+    # the same step without recording and replaying masks: the perturbation flips some of the
+    # 16k ReLUs, and each flip adds a jump that the step size h does not shrink
+    monkeypatch.setattr(finite_diff, "_RELUS", set())
+    err_plain, *_ = _penalty_part_error(relu_mlp_blocks, torch.float32)
+    assert err_plain > 10 * bound  # measured 20
 
 
 # --------------------------------------------------------------------------- dual rules
@@ -407,59 +447,52 @@ def test_exact_step_with_triton_kernels_matches_torch_path():
 # --------------------------------------------------------------------------- memory
 
 
-class _SavedBytes:
-    """Peak bytes of tensors autograd holds for backward (unique storages)."""
-
-    def __init__(self):
-        self.live, self.cur, self.peak = {}, 0, 0
-
-    def pack(self, t):
-        if isinstance(t, nn.Parameter):
-            return t
-        st = t.untyped_storage()
-        key = st.data_ptr()
-        if key not in self.live:
-            self.live[key] = [0, st.nbytes()]
-            self.cur += st.nbytes()
-            self.peak = max(self.peak, self.cur)
-        self.live[key][0] += 1
-        weakref.finalize(t, self.release, key)
-        return t
-
-    def release(self, key):
-        e = self.live[key]
-        e[0] -= 1
-        if e[0] == 0:
-            self.cur -= e[1]
-            del self.live[key]
+def allocated_peak(fn) -> int:
+    """Peak bytes allocated on the CPU while ``fn()`` runs, above what was allocated when it
+    started: every live tensor counts (activations, masks, w, D_k, stacked copies, gradients),
+    not only those autograd saves. Read off the profiler's allocator events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    mem = sorted((e for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0),
+                 key=lambda e: e["ts"])
+    if not mem:
+        return 0
+    start = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in mem) - start
 
 
-def _block_saved_peak(mode, blocks, x, y, k):
+def _block_alive_peak(engine, blocks, x, y, k):
     cfg = StepConfig(lam=1.0, distance="l2", eps=1e-8, loss_fn=F.cross_entropy)
     bl = copy.deepcopy(blocks)
     h, d = x, None
     for j in range(k):
         r = ENGINES["exact"](bl[j], h, y, d, cfg, True)
         h, d = r.output, r.output_grad
-    counter = _SavedBytes()
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-        ENGINES[mode](bl[k], h, y, d, cfg, True)
-    return counter.peak
+    for p in bl[k].parameters():  # gradients exist from earlier steps: no first-step allocation
+        p.grad = torch.zeros_like(p)
+    return allocated_peak(lambda: engine(bl[k], h, y, d, cfg, True))
 
 
-def test_exact_keeps_fewer_saved_bytes_than_double_backward():
+def test_exact_and_fast_peak_memory_below_double_backward():
+    """Peak of all live CPU allocations of one block step, against plain local learning's."""
     torch.manual_seed(0)
     model = CifarResNet(14, num_classes=CLASSES)
-    x = torch.randn(8, 3, 16, 16)
-    y = torch.randint(0, CLASSES, (8,))
+    x = torch.randn(32, 3, 16, 16)  # activations, not weights, dominate
+    y = torch.randint(0, CLASSES, (32,))
     blocks = sgr_ext.split(model, 7, example_input=x[:2])
     for k in (1, 3):
-        exact = _block_saved_peak("exact", blocks, x, y, k)
-        db = _block_saved_peak("double_backward", blocks, x, y, k)
-        fast = _block_saved_peak("fast", blocks, x, y, k)
-        # measured: exact 0.5-0.74x, fast 0.4-0.58x of the double-backward engine's peak
-        assert exact < 0.8 * db
-        assert fast < 0.65 * db
+        plain = _block_alive_peak(local.step, blocks, x, y, k)
+        exact = _block_alive_peak(ENGINES["exact"], blocks, x, y, k)
+        fast = _block_alive_peak(ENGINES["fast"], blocks, x, y, k)
+        db = _block_alive_peak(ENGINES["double_backward"], blocks, x, y, k)
+        # measured (x plain local): exact 2.15-2.4, fast 1.4-1.8, double backward 2.7-2.9
+        assert exact < 2.6 * plain and exact < db
+        assert fast < 2.0 * plain and fast < 0.7 * db
 
 
 # --------------------------------------------------------------------------- precision, layout, pipeline
@@ -467,34 +500,29 @@ def test_exact_keeps_fewer_saved_bytes_than_double_backward():
 
 @pytest.mark.parametrize("mode", ["exact", "fast", "double_backward"])
 def test_bf16_autocast_and_channels_last_every_mode(mode):
+    """Errors on the penalty part of the float64 reference gradient; lam = 20 makes that part
+    26-47 % of the gradient, so a lost penalty (error ~1) stands above bf16 rounding."""
     torch.manual_seed(0)
     blocks, x = resnet_blocks(torch.float32, stride=1)  # see resnet_blocks on channels_last
     x = torch.randn(6, 3, 8, 8)
     y = torch.randint(0, CLASSES, (6,))
-    ref, _ = run(blocks, x, y, "double_backward", 0.5)
-    ref_g = flat_grads(ref)
+    lam = 20.0
+    want, part = reference64(blocks, x, y, lam)
     cl_blocks = [copy.deepcopy(b).to(memory_format=torch.channels_last) for b in blocks]
     xc = x.contiguous(memory_format=torch.channels_last)
-    got, stats = run(cl_blocks, xc, y, mode, 0.5)  # fp32 channels_last
-    for g, w in zip(flat_grads(got), ref_g):
-        assert rel(g, w) < (1e-4 if mode != "fast" else 1e-2)
+    got, stats = run(cl_blocks, xc, y, mode, lam)  # fp32 channels_last
+    bound32 = finite_diff.ERROR_BOUND[torch.float32] if mode == "fast" else 1e-4
+    for g, w, p in list(zip(flat_grads(got), want, part))[1:]:
+        assert penalty_part_error(g, w, p) < bound32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, stats = run(cl_blocks, xc, y, mode, 0.5)
-    assert all(math.isfinite(v) for v in stats.losses + stats.penalties)
-    for g, w in zip(flat_grads(got), ref_g):
+        got, stats = run(cl_blocks, xc, y, mode, lam)
+        _, plain = reference(cl_blocks, xc, y, lam)  # what plain torch autograd gets in bf16
+    assert all(math.isfinite(v) for v in stats.losses + stats.penalties[1:])
+    for g, t, w, p in list(zip(flat_grads(got), plain, want, part))[1:]:
         assert torch.isfinite(g).all()
-        assert rel(g, w) < 0.25  # bfloat16 rounding, same order as plain local learning in bf16
-
-
-def test_overlap_option_is_a_noop_on_cpu():
-    blocks, x = resnet_blocks()
-    y = torch.randint(0, CLASSES, (x.shape[0],))
-    a, _ = run(blocks, x, y, "exact", 0.5, overlap=True)
-    b, _ = run(blocks, x, y, "exact", 0.5, overlap=False)
-    for g, w in zip(flat_grads(a), flat_grads(b)):
-        assert torch.equal(g, w)
-    with pytest.raises(ValueError, match="overlap"):
-        sgr_ext.LocalNet(blocks, lam=0.1, overlap="yes")
+        err, err_torch = penalty_part_error(g, w, p), penalty_part_error(t, w, p)
+        assert err_torch < 0.2  # measured 0.07: the bound below can tell a lost penalty
+        assert err < 1.5 * err_torch + 0.02  # measured: exact, double_backward = torch; fast 0.09
 
 
 def test_overlap_is_off_by_default_and_auto_still_accepted():

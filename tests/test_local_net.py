@@ -60,8 +60,10 @@ def test_train_step_matches_double_backward_reference(make, distance, lam):
         for s, r in zip(b.buffers(), rb.buffers()):
             torch.testing.assert_close(s, r, rtol=0, atol=0)
     assert len(stats.losses) == len(stats.penalties) == len(blocks)
-    assert stats.penalties[0] == 0.0
-    assert all(isinstance(v, float) and math.isfinite(v) for v in stats.losses + stats.penalties)
+    assert stats.penalties[0] is None  # block 0 has no penalty
+    computed = stats.penalties[1:] if lam > 0 else []
+    assert all(v is None for v in stats.penalties[1:]) == (lam == 0)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in stats.losses + computed)
     if lam > 0:
         assert all(p > 0 for p in stats.penalties[1:])
 

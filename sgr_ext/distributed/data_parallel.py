@@ -166,8 +166,9 @@ class DataParallelLocalNet:
         host = torch.cat([vec.double(), torch.stack(flags).double() if flags else vec.new_zeros(0)]).cpu()
         n_stats = n_blocks * len(_FIELDS)
         total = float(host[n_stats])
-        table = _mask_absent(host[:n_stats].reshape(n_blocks, len(_FIELDS)) / total, present)
-        bad = _bad_blocks(table, input_bad=float(host[n_stats + 1]) > 0)
+        raw = host[:n_stats].reshape(n_blocks, len(_FIELDS)) / total  # absent statistics hold the loss
+        bad = _bad_blocks(raw, input_bad=float(host[n_stats + 1]) > 0)
+        table = _mask_absent(raw, present)
         for (k, *_), flag in zip(buckets, host[n_stats + 2:].tolist()):
             if flag and "gradient" not in bad.setdefault(k, []):
                 bad[k].append("gradient")

@@ -231,7 +231,7 @@ class PipelineStage:
         host = torch.cat([torch.stack(rows).double().flatten(), torch.stack(flags).double()]).cpu()
         n_own = len(self.owned)
         own = host[: m * n_own * len(_FIELDS)].reshape(m, n_own, len(_FIELDS))
-        own = _mask_absent((own * weights[:, None, None]).sum(0), present)
+        own = (own * weights[:, None, None]).sum(0)  # absent statistics hold the loss
         bits = torch.zeros(n_own, 1, dtype=torch.float64)
         fl = host[m * n_own * len(_FIELDS):].tolist()
         for i in range(n_own):
@@ -240,7 +240,7 @@ class PipelineStage:
             bits[0, 0] += 1.0
         for i, row in enumerate(own.tolist()):
             bits[i, 0] += 2.0 * (not math.isfinite(row[0])) + 4.0 * (not math.isfinite(row[1]))
-        table = torch.cat([own, bits], dim=1)
+        table = torch.cat([_mask_absent(own, present), bits], dim=1)
         if not self.is_first:
             earlier = self._take(self._irecv((self.start, len(_FIELDS) + 1), torch.float64, _TAG_STATS), "statistics")
             table = torch.cat([earlier.cpu(), table])

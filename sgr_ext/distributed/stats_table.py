@@ -25,13 +25,14 @@ def _stat_row(r) -> torch.Tensor:
 
 
 def _mask_absent(table: torch.Tensor, present) -> torch.Tensor:
-    """Absent statistics -> NaN (CPU float64). Loss and penalty are always present."""
+    """Absent statistics -> NaN (CPU float64). The loss is always present."""
     mask = torch.tensor(present, dtype=torch.bool)
     return table.double().cpu().masked_fill(~mask, float("nan"))
 
 
 def _bad_blocks(table: torch.Tensor, input_bad: bool = False) -> dict:
-    """{block: [what, ...]} for non-finite input (block 0), loss or penalty in a statistics table."""
+    """{block: [what, ...]} for non-finite input (block 0), loss or penalty in a statistics table
+    (before ``_mask_absent``: an absent penalty holds the loss)."""
     bad: dict = {}
     if input_bad:
         bad.setdefault(0, []).append("input")
@@ -43,11 +44,11 @@ def _bad_blocks(table: torch.Tensor, input_bad: bool = False) -> dict:
 
 
 def _stats_from_table(table: torch.Tensor) -> StepStats:
-    """StepStats from a (blocks, 5) CPU table, NaN = absent (loss and penalty are kept as they are)."""
+    """StepStats from a (blocks, 5) CPU table, NaN = absent (the loss is kept as it is)."""
     stats = StepStats()
     for row in table.tolist():
         stats.losses.append(row[0])
-        stats.penalties.append(row[1])
+        stats.penalties.append(None if row[1] != row[1] else row[1])
         stats.accuracies.append(None if row[2] != row[2] else row[2])
         stats.cosines.append(None if row[3] != row[3] else row[3])
         stats.norm_ratios.append(None if row[4] != row[4] else row[4])

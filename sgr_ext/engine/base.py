@@ -39,7 +39,8 @@ class BlockResult:
 
     output: x_k, (B, *) in the block's output dtype; the next block's input.
     output_grad: D_k = B * dl_k/dx_k with x_k's shape, or None when no later block needs it.
-    loss: 0-dim, l_k.  penalty: 0-dim, R_k (0 for the first block or when lam == 0).
+    loss: 0-dim, l_k.  penalty: 0-dim, R_k, or None where it was not computed (the first
+        block; lam == 0 without ``track_alignment``, where A_k is not computed either).
     accuracy: 0-dim fraction of argmax(head) == y, or None when the head is not a classifier.
     cosine, norm_ratio: 0-dim mean over samples of cos(A_k, D_{k-1}) and |A_k|/|D_{k-1}|,
         or None when A_k was not computed.
@@ -55,7 +56,7 @@ class BlockResult:
     output: torch.Tensor
     output_grad: Optional[torch.Tensor]
     loss: torch.Tensor
-    penalty: torch.Tensor
+    penalty: Optional[torch.Tensor]
     accuracy: Optional[torch.Tensor] = None
     cosine: Optional[torch.Tensor] = None
     norm_ratio: Optional[torch.Tensor] = None

@@ -47,9 +47,10 @@ def step(
     a = grads.pop(0) * batch if need_input_grad else None
 
     objective = loss
-    penalty = loss.new_zeros(())
+    penalty = None  # not computed: no A_k (first block, or lam == 0 without track_alignment)
+    if a is not None:
+        penalty = reconcile(a if penalize else a.detach(), d_prev, distance=cfg.distance, eps=cfg.eps)
     if penalize:
-        penalty = reconcile(a, d_prev, distance=cfg.distance, eps=cfg.eps)
         objective = loss + cfg.lam * penalty
     share = None
     if params and penalize and cfg.split_grads:
@@ -66,7 +67,7 @@ def step(
         output=x.detach(),
         output_grad=d_out,
         loss=loss.detach(),
-        penalty=penalty.detach(),
+        penalty=None if penalty is None else penalty.detach(),
         accuracy=acc,
         cosine=cos,
         norm_ratio=ratio,

@@ -320,12 +320,13 @@ class _Run:
             x, logits, losses, cot_l = self.params_phase()
             d_hat = self.boundary_phase("output", x) if need_output_grad else None
             a_hat = self.boundary_phase("input", self.u) if need_input_grad else None
-            penalty = losses.new_zeros(())
-            cot_r = None
+            penalty = cot_r = None  # None: not computed (no A_k estimate)
             if penalize:
                 penalty, w = _penalty_direction(a_hat, d_prev, cfg)
                 if self.calls:
                     cot_r = self.penalty_phase(w)
+            elif a_hat is not None:  # track_alignment: R_k at the estimate, for the statistics
+                penalty = reconcile(a_hat, d_prev, distance=cfg.distance, eps=cfg.eps)
             if self.calls:
                 self.apply(cot_l, cot_r)
         loss = losses.mean() if losses.dim() else losses / self.batch

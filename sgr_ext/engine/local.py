@@ -238,14 +238,15 @@ def step(
                 a = u.grad * batch if u.grad is not None else torch.zeros_like(u)
         if ready is None:
             ready = ready_event(x)
-    cos = ratio = None
-    if a is not None:
+    cos = ratio = penalty = None
+    if a is not None:  # track_alignment: A_k is at hand, so R_k costs one reduction
         cos, ratio = alignment(a, d_prev)
+        penalty = reconcile(a.detach(), d_prev, distance=cfg.distance, eps=cfg.eps).detach()
     return BlockResult(
         output=x.detach(),
         output_grad=None if d_out is None else d_out.detach(),
         loss=loss.detach(),
-        penalty=loss.new_zeros(()).detach(),
+        penalty=penalty,
         accuracy=acc,
         cosine=cos,
         norm_ratio=ratio,

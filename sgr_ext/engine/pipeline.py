@@ -17,6 +17,9 @@ Requirement: a block must not modify its input x_{k-1} in place (the previous bl
 backward may still read it). ``split`` blocks start with a convolution or a linear layer;
 a violation is detected through the tensor version counter and raises a RuntimeError
 naming ``overlap=False``.
+
+The stream operations go through a small backend (``CudaStreams``) so that the schedule
+itself can be tested on a machine without a GPU (tests/test_pipeline.py fakes it).
 """
 from __future__ import annotations
 
@@ -25,14 +28,37 @@ from typing import Optional, Union
 
 import torch
 
-_STREAMS: dict = {}
+class CudaStreams:
+    """The stream operations ``BlockPipeline`` uses, on CUDA; two side streams per device,
+    created once."""
+
+    def __init__(self):
+        self._side: dict = {}
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        return x.is_cuda
+
+    def current(self, device: torch.device):
+        return torch.cuda.current_stream(device)
+
+    def side(self, device: torch.device):
+        key = (device.type, device.index)
+        if key not in self._side:
+            self._side[key] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._side[key]
+
+    def use(self, stream):
+        return torch.cuda.stream(stream)
+
+    def record_stream(self, t: torch.Tensor, stream) -> None:
+        if t.is_cuda:
+            t.record_stream(stream)
+
+    def synchronize(self, device: torch.device) -> None:
+        torch.cuda.synchronize(device)
 
 
-def _side_streams(device: torch.device):
-    key = (device.type, device.index)
-    if key not in _STREAMS:
-        _STREAMS[key] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
-    return _STREAMS[key]
+CUDA_STREAMS = CudaStreams()
 
 
 def overlap_enabled(setting: Union[bool, str], x: torch.Tensor, num_blocks: int) -> bool:
@@ -47,15 +73,15 @@ def overlap_enabled(setting: Union[bool, str], x: torch.Tensor, num_blocks: int)
 class BlockPipeline:
     """``with pipe.block(k, h, d, y): r = engine(...); pipe.done(r)`` per block, then ``pipe.finish()``."""
 
-    def __init__(self, x: torch.Tensor, enabled: bool):
-        self.enabled = bool(enabled) and x.is_cuda
+    def __init__(self, x: torch.Tensor, enabled: bool, streams: CudaStreams = CUDA_STREAMS):
+        self.enabled = bool(enabled) and streams.accepts(x)
         if not self.enabled:
             return
         self.device = x.device
-        self.main = torch.cuda.current_stream(self.device)
-        self.streams = _side_streams(self.device)
-        self.wait_for: Optional[torch.cuda.Event] = self.main.record_event()
-        self.last: Optional[torch.cuda.Event] = None
+        self.backend = streams
+        self.main = streams.current(self.device)
+        self.streams = streams.side(self.device)
+        self.wait_for = self.main.record_event()  # an event of the backend's kind
 
     @contextlib.contextmanager
     def block(self, k: int, *tensors: Optional[torch.Tensor]):
@@ -65,15 +91,15 @@ class BlockPipeline:
         stream = self.streams[k % 2]
         stream.wait_event(self.wait_for)
         for t in tensors:
-            if isinstance(t, torch.Tensor) and t.is_cuda:
-                t.record_stream(stream)
+            if isinstance(t, torch.Tensor):
+                self.backend.record_stream(t, stream)
         versions = [t._version if isinstance(t, torch.Tensor) else None for t in tensors]
         self.current = stream
-        with torch.cuda.stream(stream):
+        with self.backend.use(stream):
             yield
         for t, v in zip(tensors, versions):
             if isinstance(t, torch.Tensor) and t._version != v:
-                torch.cuda.synchronize(self.device)
+                self.backend.synchronize(self.device)
                 raise RuntimeError(
                     f"LocalNet(overlap=...): block {k} modified its input in place while block {k - 1}'s "
                     "backward may still have been reading it on another stream; this step's gradients are "

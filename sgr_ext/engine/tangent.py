@@ -24,8 +24,9 @@ and tangent), ReLU masks as bools; a conv fed by BN -> ReLU recomputes its input
 backward instead of saving it (``dual.DualBNReLUConv``), global average pooling hands
 back an expanded (stride-0) gradient. Peak memory is therefore about twice that of plain
 local learning (primal AND tangent activations must coexist at full batch, because
-train-mode BatchNorm couples the samples; only recomputation could go lower), against
-2.4x (CPU allocation proxy) to 4.3x (DESIGN.md, H100) for the double-backward engine.
+train-mode BatchNorm couples the samples; only recomputation could go lower): 2.15-2.4x
+of the live CPU allocations, against 2.7-2.9x for the double-backward engine
+(tests/test_engines.py) and 4.3x on an H100 (DESIGN.md).
 
 Accuracy: the result equals the double-backward reference up to rounding (measured
 ~1e-15 relative in float64, 2e-7..7e-7 in float32; tests/test_engines.py).

@@ -34,7 +34,7 @@ Every name stays importable from this package (``from sgr_ext.engine import dual
 from __future__ import annotations
 
 from sgr_ext.engine.dual.value import (  # noqa: F401
-    Dual, pack, _pd, _with_bias, _is_dual, _tree_map, _has_dual, _align, _const_ok,
+    Dual, pack, _pd, _with_bias, _is_dual, _tree_map, _has_dual, _align, _const_ok, UnsupportedOpError, _refuse,
 )
 from sgr_ext.engine.dual.fallback import (  # noqa: F401
     _norm_affine, _batch_norm_composite, _layer_norm_composite, _group_norm_composite,

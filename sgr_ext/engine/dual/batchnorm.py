@@ -13,7 +13,7 @@ from torch import nn
 from sgr_ext._tensor_util import channel_view
 from sgr_ext.engine.dual.conv import _conv_backward, _conv_dtype
 from sgr_ext.engine.dual.elementwise import _relu
-from sgr_ext.engine.dual.value import Dual
+from sgr_ext.engine.dual.value import Dual, _refuse
 from sgr_ext.ops import dual_batchnorm
 
 
@@ -118,7 +118,21 @@ class DualBNReLUConv(torch.autograd.Function):
 
 
 def _batch_stats(m: nn.modules.batchnorm._NormBase) -> bool:
-    return m.training or (m.running_mean is None and m.running_var is None)
+    """Whether ``m`` normalises with batch statistics (refused where those span processes)."""
+    batch = m.training or (m.running_mean is None and m.running_var is None)
+    if batch and isinstance(m, nn.SyncBatchNorm) and _syncs(m):
+        _refuse("SyncBatchNorm with batch statistics across processes (the dual BatchNorm reduces over the "
+                "local batch only)")
+    return batch
+
+
+def _syncs(m: nn.SyncBatchNorm) -> bool:
+    """SyncBatchNorm's own test: a process group with more than one rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(m.process_group or dist.group.WORLD) > 1
 
 
 def _rule_batchnorm(m, x, *, relu: bool = False):

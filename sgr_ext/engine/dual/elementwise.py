@@ -52,7 +52,8 @@ _silu = _unary(F.silu, lambda p, y: torch.sigmoid(p) * (1 + p * (1 - torch.sigmo
 def _leaky_relu(x, negative_slope=0.01, inplace=False):
     if not isinstance(x, Dual):
         return F.leaky_relu(x, negative_slope)
-    slope = torch.where(x.primal > 0, 1.0, negative_slope).to(x.P.dtype)
+    # a 0-dim tensor of the activation's dtype: Python scalars would make a float32 slope
+    slope = torch.where(x.primal > 0, x.P.new_ones(()), x.P.new_full((), negative_slope))
     return Dual(x.P * slope)
 
 

@@ -53,6 +53,20 @@ def _group_norm_composite(x, num_groups, weight=None, bias=None, eps=1e-5):
     return _norm_affine(y, weight, bias, [1, -1] + [1] * (x.dim() - 2))
 
 
+def _instance_norm_composite(x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                             momentum=0.1, eps=1e-5):
+    """Never updates running statistics: the dual pass recomputes a forward the caller ran."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if use_input_stats:
+        dims = tuple(range(2, x.dim()))
+        mean = x.mean(dims, keepdim=True)
+        xc = x - mean
+        y = xc * torch.rsqrt((xc * xc).mean(dims, keepdim=True) + eps)
+    else:
+        y = (x - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
+    return _norm_affine(y, weight, bias, shape)
+
+
 def _softmax_composite(x, dim, dtype=None, log=False):
     if dtype is not None:
         x = x.to(dtype)
@@ -69,7 +83,7 @@ class _SafeForwardAD(TorchFunctionMode):
     """Inside the forward-AD fallback, route ops whose forward-AD formulas do not survive a
     later reverse pass to composites of elementary ops:
 
-    - batch_norm (batch statistics), layer_norm, group_norm: their tangent formulas use the
+    - batch_norm (batch statistics), instance_norm, layer_norm, group_norm: their tangent formulas use the
       saved mean / inverse std, which are non-differentiable outputs, so a backward through
       the tangent silently misses the statistics' dependence on the input (wrong gradients);
     - softmax / log_softmax: their formulas update a saved output in place (backward fails).
@@ -83,6 +97,8 @@ class _SafeForwardAD(TorchFunctionMode):
             return _layer_norm_composite(*args, **kwargs)
         if func is F.group_norm:
             return _group_norm_composite(*args, **kwargs)
+        if func is F.instance_norm:
+            return _instance_norm_composite(*args, **kwargs)
         if func in _SOFTMAX or func in _LOG_SOFTMAX:
             x = args[0]
             dim = args[1] if len(args) > 1 else kwargs.get("dim")

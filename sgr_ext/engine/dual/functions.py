@@ -14,7 +14,7 @@ from sgr_ext.engine.dual.elementwise import (
     _gelu, _layer_norm, _leaky_relu, _linear, _matmul, _relu, _sigmoid, _silu, _softmax, _tanh,
 )
 from sgr_ext.engine.dual.fallback import _fallback, _fallback_method
-from sgr_ext.engine.dual.value import Dual, _align, _const_ok, _has_dual, _is_dual, _pd
+from sgr_ext.engine.dual.value import Dual, _align, _const_ok, _has_dual, _is_dual, _pd, _refuse
 
 
 def _add(a, b, alpha=1, sign=1):
@@ -122,11 +122,16 @@ def _fn_getattr(x, name, *default):
         return x.shape
     if name == "ndim":
         return x.ndim
-    if name == "T" and x.ndim == 2:
-        return Dual(x.P.transpose(1, 2))
-    if name in ("dtype", "device", "is_cuda", "layout", "requires_grad"):
-        return getattr(x.P, name)
-    return getattr(x.primal, name, *default)
+    if name in ("mT", "mH") and x.ndim >= 2 and not x.P.is_complex():
+        return Dual(x.P.transpose(-2, -1))
+    if name in ("T", "H") and not x.P.is_complex():  # reverses every dimension
+        return Dual(x.P.permute(0, *range(x.ndim, 0, -1)))
+    if name == "real" and not x.P.is_complex():
+        return x
+    value = getattr(x.primal, name, *default)
+    if isinstance(value, torch.Tensor) or callable(value):  # a value or a bound method of the primal alone
+        _refuse(f"the activation attribute .{name}")
+    return value  # metadata (dtype, device, is_cuda, ...): the same for primal and tangent
 
 
 def _per_sample_fn(fn):

@@ -220,18 +220,23 @@ def _norms(module: nn.Module) -> list:
 class frozen_norm_stats:
     """Context: train-mode norm layers of ``modules`` use batch statistics without updating
     their running statistics (or ``num_batches_tracked``): a recomputed forward must not
-    count twice."""
+    count twice. BatchNorm: ``track_running_stats`` off. InstanceNorm hands its buffers to
+    ``F.instance_norm`` whatever that flag says, so its buffers are hidden as well."""
 
     def __init__(self, *modules: nn.Module):
         self.norms = [m for mod in modules for m in _norms(mod)]
 
     def __enter__(self):
-        self.saved = [(m, m.track_running_stats) for m in self.norms if m.training]
-        for m, _ in self.saved:
+        self.saved = [(m, m.track_running_stats, m.running_mean, m.running_var) for m in self.norms if m.training]
+        for m, *_ in self.saved:
             m.track_running_stats = False
+            if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+                m.running_mean = m.running_var = None
         return self
 
     def __exit__(self, *exc):
-        for m, flag in self.saved:
+        for m, flag, mean, var in self.saved:
             m.track_running_stats = flag
+            if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+                m.running_mean, m.running_var = mean, var
         return False

@@ -101,3 +101,14 @@ def _align(P: torch.Tensor, ndim: int) -> torch.Tensor:
 
 def _const_ok(c, x: Dual) -> bool:
     return not isinstance(c, torch.Tensor) or c.dim() <= x.ndim
+
+
+class UnsupportedOpError(NotImplementedError):
+    """The dual interpreter met an op it has no exact rule or verified fallback for."""
+
+
+def _refuse(what: str):
+    raise UnsupportedOpError(
+        f"sgr_ext exact mode: {what} has no tangent rule, and using the primal alone would silently drop "
+        "the penalty's dependence on the block input; use LocalNet(mode='double_backward') or mode='fast' "
+        "for this block, or rewrite the op with a supported one (e.g. .transpose(-2, -1) for .mT)")
