@@ -144,6 +144,6 @@ def step_for_backward(net: nn.Module, run_step: Callable, device: torch.device) 
         stats = run_step(keep_last_output)
     with no_side_effects(net.blocks[-1].head, device):
         logits = net.blocks[-1].head(kept.pop("x"))
-    total = sum(l + net.config.lam * r for l, r in zip(stats.losses, stats.penalties))
+    total = sum(l + net.config.lam * (r or 0.0) for l, r in zip(stats.losses, stats.penalties))
     value = torch.tensor(total, dtype=loss_dtype(params), device=device)
     return LocalNetOutput(loss=StashedGradients.apply(value, stash, *params), logits=logits, stats=stats)

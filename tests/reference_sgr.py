@@ -16,6 +16,16 @@ def penalty(a, d, distance, eps):
     return (1 - (a * d).sum(1) / (a.norm(dim=1) * d.norm(dim=1) + eps)).mean()
 
 
+def _combine(g_l, g_r, lam, lam_mode, shares):
+    """g_l + lam_k g_r (lam_k = lam |g_l| / |g_r| under "grad_ratio"); the share goes to ``shares``."""
+    n_l = torch.cat([g.flatten() for g in g_l]).norm()
+    n_r = torch.cat([g.flatten() for g in g_r]).norm()
+    lam_k = lam * n_l / n_r if lam_mode == "grad_ratio" else lam
+    if shares is not None:
+        shares.append(float(lam_k * n_r / n_l))
+    return tuple(a + lam_k * b for a, b in zip(g_l, g_r))
+
+
 def sgr_gradients(blocks, x, y, lam, distance="l2", eps=1e-8, lam_mode="fixed", shares=None):
     """grad of J_k = l_k + lam * R_k w.r.t. each block's parameters; list of tuples, one per block.
 
@@ -36,12 +46,7 @@ def sgr_gradients(blocks, x, y, lam, distance="l2", eps=1e-8, lam_mode="fixed", 
         else:
             g_l = torch.autograd.grad(loss, params, retain_graph=True)
             g_r = torch.autograd.grad(penalty(batch * g_u, d_prev, distance, eps), params)
-            n_l = torch.cat([g.flatten() for g in g_l]).norm()
-            n_r = torch.cat([g.flatten() for g in g_r]).norm()
-            lam_k = lam * n_l / n_r if lam_mode == "grad_ratio" else lam
-            grads.append(tuple(a + lam_k * b for a, b in zip(g_l, g_r)))
-            if shares is not None:
-                shares.append(float(lam_k * n_r / n_l))
+            grads.append(_combine(g_l, g_r, lam, lam_mode, shares))
         h, d_prev = out.detach(), (batch * g_out).detach()
     return grads
 
@@ -77,12 +82,7 @@ def output_side_gradients(blocks, x, y, lam, distance="l2", eps=1e-8, lam_mode="
         a_next = batch * torch.autograd.grad(losses[k + 1], us[k + 1], retain_graph=True)[0]
         d_k = batch * torch.autograd.grad(losses[k], outs[k], create_graph=True)[0]
         g_r = torch.autograd.grad(penalty(d_k, a_next.detach(), distance, eps), params, retain_graph=True)
-        n_l = torch.cat([g.flatten() for g in g_l]).norm()
-        n_r = torch.cat([g.flatten() for g in g_r]).norm()
-        lam_k = lam * n_l / n_r if lam_mode == "grad_ratio" else lam
-        grads.append(tuple(a + lam_k * b for a, b in zip(g_l, g_r)))
-        if shares is not None:
-            shares.append(float(lam_k * n_r / n_l))
+        grads.append(_combine(g_l, g_r, lam, lam_mode, shares))
     return grads
 
 

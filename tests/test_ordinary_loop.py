@@ -72,7 +72,7 @@ def test_backward_of_loss_adds_train_step_gradients_times_scale(mode, grad, make
     for a, b in zip(ref.buffers(), net.buffers()):
         assert torch.equal(a, b)
     assert out.stats.losses == ref_stats.losses and out.stats.penalties == ref_stats.penalties
-    want = sum(l + ref.lam * r for l, r in zip(ref_stats.losses, ref_stats.penalties))
+    want = sum(l + ref.lam * (r or 0.0) for l, r in zip(ref_stats.losses, ref_stats.penalties))
     assert out.loss.dim() == 0 and out.loss.dtype == torch.float64 and float(out.loss.detach()) == pytest.approx(want, rel=1e-14)
     assert out.logits.shape == (x.shape[0], CLASSES) and not out.logits.requires_grad
 

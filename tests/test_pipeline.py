@@ -95,6 +95,14 @@ def test_localnet_step_schedules_blocks_on_alternating_streams(monkeypatch):
         return r
 
     monkeypatch.setattr(net, "step_engine", lambda: logged_engine)
+    watch = net._watch_label_range
+
+    def named_labels(x_, y_, guard):  # the step hands the blocks a range-clamped copy of y
+        out = watch(x_, y_, guard)
+        fake.names[id(out)] = "y"
+        return out
+
+    monkeypatch.setattr(net, "_watch_label_range", named_labels)
     net.train_step(x, y)
     assert fake.log == [
         ("record", "main", "main#1"),  # block 0 starts after everything queued before the step
