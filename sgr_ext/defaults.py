@@ -15,7 +15,6 @@ from typing import Optional
 LAM = 1.0
 LAM_MODE = "grad_ratio"
 SIDE = "handback"
-DISTANCE = "l2"
 STUDY_FAMILY = "handback-l2-ratio1"  # the study's name for this setting
 # not studied: the BP-free setting (grad="forward") keeps the earlier penalty weight, input side
 BP_FREE_LAM = 0.1

@@ -16,12 +16,27 @@ and block k-1 is recomputed (forward + double backward of that one block).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from sgr_ext.blocks import LocalBlock
 from sgr_ext.engine import dual, fused_head, local
 from sgr_ext.engine.base import StepConfig
 from sgr_ext.ops.reconcile import reconcile
+
+
+@contextlib.contextmanager
+def _recompute(block: LocalBlock, rng: local.replay_rng, device: torch.device):
+    """Block k-1's forward replayed: its RNG snapshot, frozen norm statistics, grad on; the RNG
+    left where it stood before (later blocks draw what they would have drawn without it)."""
+    resume = local.replay_rng(device, active=rng.active)
+    try:
+        with torch.enable_grad(), dual.frozen_norm_stats(block), rng:
+            yield
+    finally:
+        with resume:
+            pass
 
 
 def step(block: LocalBlock, x_prev: torch.Tensor, y: torch.Tensor, a_next: torch.Tensor, cfg: StepConfig,
@@ -36,21 +51,16 @@ def step(block: LocalBlock, x_prev: torch.Tensor, y: torch.Tensor, a_next: torch
     """
     params = block.trainable_parameters()
     batch = x_prev.shape[0]
-    resume = local.replay_rng(x_prev.device, active=rng.active)  # where the RNG stands now
-    try:
-        with torch.enable_grad(), dual.frozen_norm_stats(block), rng:
-            x = block.module(x_prev.detach())
-            if not x.requires_grad:
-                x.requires_grad_()  # a parameter-free module on a constant input
-            loss, _ = fused_head.loss_and_accuracy(block.head, x, y, cfg.loss_fn, with_accuracy=False)
-            (g_x,) = torch.autograd.grad(loss, x, create_graph=True)
-            penalty = reconcile(g_x * batch, a_next, distance=cfg.distance, eps=cfg.eps)
-            g_loss = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-            g_pen = (torch.autograd.grad(penalty, params, allow_unused=True) if penalty.requires_grad
-                     else [None] * len(params))
-    finally:
-        with resume:  # later blocks draw what they would have drawn without the replay
-            pass
+    with _recompute(block, rng, x_prev.device):
+        x = block.module(x_prev.detach())
+        if not x.requires_grad:
+            x.requires_grad_()  # a parameter-free module on a constant input
+        loss, _ = fused_head.loss_and_accuracy(block.head, x, y, cfg.loss_fn, with_accuracy=False)
+        (g_x,) = torch.autograd.grad(loss, x, create_graph=True)
+        penalty = reconcile(g_x * batch, a_next, distance=cfg.distance, eps=cfg.eps)
+        g_loss = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        g_pen = (torch.autograd.grad(penalty, params, allow_unused=True) if penalty.requires_grad
+                 else [None] * len(params))
     share = local.accumulate_penalized(params, [None] * len(params), g_pen, cfg, loss_norm=local.grad_norm(g_loss))
     return penalty.detach(), share
 
@@ -65,27 +75,22 @@ def handback_step(block: LocalBlock, x_prev: torch.Tensor, y: torch.Tensor, a_ne
     """
     params = block.trainable_parameters()
     batch = x_prev.shape[0]
-    resume = local.replay_rng(x_prev.device, active=rng.active)
-    try:
-        with torch.enable_grad(), dual.frozen_norm_stats(block), rng:
-            x = block.module(x_prev.detach())
-            # the head on a cut copy of x: its graph is freed by the first backward, and the
-            # module's graph serves the two vector-Jacobian products below
-            x_cut = x.detach().requires_grad_()
-            loss, _ = fused_head.loss_and_accuracy(block.head, x_cut, y, cfg.loss_fn, with_accuracy=False)
-            g = torch.autograd.grad(loss, [x_cut, *params], allow_unused=True)
-            del loss
-            g_x, g_loss = g[0], list(g[1:])
-            if g_x is None:
-                g_x = torch.zeros_like(x_cut)
-            g_hand = [None] * len(params)
-            if x.grad_fn is not None:
-                g_mod = torch.autograd.grad(x, params, grad_outputs=g_x, retain_graph=True, allow_unused=True)
-                g_hand = torch.autograd.grad(x, params, grad_outputs=a_next / batch, allow_unused=True)
-                g_loss = [a if b is None else (b if a is None else a + b) for a, b in zip(g_loss, g_mod)]
-    finally:
-        with resume:
-            pass
+    with _recompute(block, rng, x_prev.device):
+        x = block.module(x_prev.detach())
+        # the head on a cut copy of x: its graph is freed by the first backward, and the
+        # module's graph serves the two vector-Jacobian products below
+        x_cut = x.detach().requires_grad_()
+        loss, _ = fused_head.loss_and_accuracy(block.head, x_cut, y, cfg.loss_fn, with_accuracy=False)
+        g = torch.autograd.grad(loss, [x_cut, *params], allow_unused=True)
+        del loss
+        g_x, g_loss = g[0], list(g[1:])
+        if g_x is None:
+            g_x = torch.zeros_like(x_cut)
+        g_hand = [None] * len(params)
+        if x.grad_fn is not None:
+            g_mod = torch.autograd.grad(x, params, grad_outputs=g_x, retain_graph=True, allow_unused=True)
+            g_hand = torch.autograd.grad(x, params, grad_outputs=a_next / batch, allow_unused=True)
+            g_loss = [a if b is None else (b if a is None else a + b) for a, b in zip(g_loss, g_mod)]
     share = local.accumulate_penalized(params, [None] * len(params), g_hand, cfg, loss_norm=local.grad_norm(g_loss))
     inner = (g_x.detach().flatten(1) * a_next.flatten(1)).sum(1).mean()
     return inner, share
