@@ -5,13 +5,17 @@ The packed input z is viewed as (2n, C, S) with arbitrary strides (NCHW, channel
 over the N = n * S primal elements:
 
     forward stats   one pass: per-block counts, sums of x and t, centred second moment
-                    and centred x-t cross moment (Chan's parallel combination in torch,
+                    and centred (x - mean)(t - mt) cross moment (Chan's parallel combination in torch,
                     deterministic, no atomics)
-    forward apply   one pass: y = a x + b, yt = a t + d x + e, optional ReLU mask
-    backward stats  one pass: sums of g, g (x - mu), gt, gt (x - mu), gt t  (g, gt masked
-                    by the recomputed ReLU mask)
-    backward apply  one pass: gx = k1 g + k2 gt + k3 t + kx (x - mu) + k0,
-                                gt_in = k1 gt + k7 (x - mu) + k8
+    forward apply   one pass: y = a (x - mu) + beta, yt = a (t - mt) + d (x - mu), optional
+                    ReLU mask
+    backward stats  one pass: sums of g, g (x - mu), gt, gt (x - mu), gt (t - mt)  (g, gt
+                    masked by the recomputed ReLU mask)
+    backward apply  one pass: gx = k1 g + k2 gt + k3 (t - mt) + kx (x - mu) + k0,
+                                gt_in = k1 gt + k3 (x - mu) + k8
+
+Every product is of centred values (x - mu, t - mt): float32 loses nothing to cancellation
+when a channel's |mean| is many times its std.
 
 Sizes and strides are not specialised and tiles are fixed (16 channels x 256 rows), so
 one compiled variant per (dtype, ReLU) serves every layer and layout (short first-run JIT).
@@ -57,16 +61,38 @@ def _channel(V, offs_c, mask_c):
 
 
 @triton.jit
-def _bwd_inputs(Z, G, t_off, g_t_off, off, goff, m, MEAN, A, B, offs_c, mask_c, RELU: tl.constexpr):
-    """x, t, the incoming gradients g, gt (zeroed where the recomputed ReLU mask is off) and
-    the channel mean: what both backward kernels read."""
+def _centred_pair(Z, t_off, off, m, STATS, C, offs_c, mask_c):
+    """(x - mean, t - mt) of a packed tensor at ``off``, float32 (``STATS`` rows 0 and 2)."""
     x, t = _load_pair(Z, t_off, off, m)
+    return x - _channel(STATS, offs_c, mask_c), t - _channel(STATS + 2 * C, offs_c, mask_c)
+
+
+@triton.jit
+def _primal_out(xc, STATS, C, offs_c, mask_c):
+    """y = a (x - mean) + beta: the forward's primal output, and the backward's ReLU mask."""
+    return xc * _channel(STATS + 4 * C, offs_c, mask_c) + _channel(STATS + 5 * C, offs_c, mask_c)
+
+
+@triton.jit
+def _bwd_inputs(Z, G, t_off, g_t_off, off, goff, m, STATS, C, offs_c, mask_c, RELU: tl.constexpr):
+    """x - mean, t - mt and the incoming gradients g, gt (zeroed where the recomputed ReLU
+    mask is off): what both backward kernels read."""
+    xc, tc = _centred_pair(Z, t_off, off, m, STATS, C, offs_c, mask_c)
     g, gt = _load_pair(G, g_t_off, goff, m)
     if RELU:
-        pos = (x * _channel(A, offs_c, mask_c) + _channel(B, offs_c, mask_c)) > 0
+        pos = _primal_out(xc, STATS, C, offs_c, mask_c) > 0
         g = tl.where(pos, g, 0.0)
         gt = tl.where(pos, gt, 0.0)
-    return x, t, g, gt, _channel(MEAN, offs_c, mask_c)
+    return tl.where(m, xc, 0.0), tl.where(m, tc, 0.0), g, gt
+
+
+@triton.jit
+def _shift(Z, t_off, s_c, offs_c, mask_c):
+    """Each channel's first primal and tangent element: the statistics sum x - kx and t - kt,
+    values near zero, so float32 sums keep their precision when |mean| >> std."""
+    off = offs_c.to(tl.int64) * s_c
+    return (tl.load(Z + off, mask=mask_c, other=0.0).to(tl.float32),
+            tl.load(Z + t_off + off, mask=mask_c, other=0.0).to(tl.float32))
 
 
 @triton.jit(do_not_specialize=["n", "C", "S", "s_n", "s_c", "s_s", "t_off"])
@@ -77,13 +103,16 @@ def _stats_fwd_kernel(
 ):
     i, s, c, m, mask_p, offs_c, mask_c = _tile(n, C, S, BLOCK_P, BLOCK_C)
     x, t = _load_pair(Z, t_off, i * s_n + s * s_s + c * s_c, m)
+    kx, kt = _shift(Z, t_off, s_c, offs_c, mask_c)
+    x = tl.where(m, x - kx[None, :], 0.0)
+    t = tl.where(m, t - kt[None, :], 0.0)
     cnt = tl.sum(mask_p.to(tl.float32), axis=0)
     sx = tl.sum(x, axis=0)
     st = tl.sum(t, axis=0)
-    mean = sx / cnt
-    xc = tl.where(m, x - mean[None, :], 0.0)
+    xc = tl.where(m, x - (sx / cnt)[None, :], 0.0)
+    tc = tl.where(m, t - (st / cnt)[None, :], 0.0)
     m2 = tl.sum(xc * xc, axis=0)
-    cx = tl.sum(xc * t, axis=0)
+    cx = tl.sum(xc * tc, axis=0)
     out = tl.program_id(0) * C + offs_c
     tl.store(SX + out, sx, mask=mask_c)
     tl.store(ST + out, st, mask=mask_c)
@@ -95,14 +124,13 @@ def _stats_fwd_kernel(
 @triton.jit(do_not_specialize=["n", "C", "S", "s_n", "s_c", "s_s", "t_off", "o_n", "o_c", "o_s", "o_t_off"])
 def _apply_fwd_kernel(
     Z, OUT, n, C, S, s_n, s_c, s_s, t_off, o_n, o_c, o_s, o_t_off,
-    A, B, D, E,
+    STATS,
     RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     i, s, c, m, _, offs_c, mask_c = _tile(n, C, S, BLOCK_P, BLOCK_C)
-    x, t = _load_pair(Z, t_off, i * s_n + s * s_s + c * s_c, m)
-    a = _channel(A, offs_c, mask_c)
-    y = x * a + _channel(B, offs_c, mask_c)
-    yt = t * a + x * _channel(D, offs_c, mask_c) + _channel(E, offs_c, mask_c)
+    xc, tc = _centred_pair(Z, t_off, i * s_n + s * s_s + c * s_c, m, STATS, C, offs_c, mask_c)
+    y = _primal_out(xc, STATS, C, offs_c, mask_c)
+    yt = tc * _channel(STATS + 4 * C, offs_c, mask_c) + xc * _channel(STATS + 6 * C, offs_c, mask_c)
     if RELU:
         pos = y > 0
         y = tl.where(pos, y, 0.0)
@@ -115,48 +143,48 @@ def _apply_fwd_kernel(
 @triton.jit(do_not_specialize=["n", "C", "S", "s_n", "s_c", "s_s", "t_off", "g_n", "g_c", "g_s", "g_t_off"])
 def _stats_bwd_kernel(
     Z, G, n, C, S, s_n, s_c, s_s, t_off, g_n, g_c, g_s, g_t_off,
-    MEAN, A, B,
+    STATS,
     SG, SGX, SGT, SGTX, SGTT,
     RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     i, s, c, m, _, offs_c, mask_c = _tile(n, C, S, BLOCK_P, BLOCK_C)
-    x, t, g, gt, mu = _bwd_inputs(Z, G, t_off, g_t_off, i * s_n + s * s_s + c * s_c, i * g_n + s * g_s + c * g_c, m,
-                                  MEAN, A, B, offs_c, mask_c, RELU)
-    xc = tl.where(m, x - mu, 0.0)
+    xc, tc, g, gt = _bwd_inputs(Z, G, t_off, g_t_off, i * s_n + s * s_s + c * s_c, i * g_n + s * g_s + c * g_c, m,
+                                STATS, C, offs_c, mask_c, RELU)
     out = tl.program_id(0) * C + offs_c
     tl.store(SG + out, tl.sum(g, axis=0), mask=mask_c)
     tl.store(SGX + out, tl.sum(g * xc, axis=0), mask=mask_c)
     tl.store(SGT + out, tl.sum(gt, axis=0), mask=mask_c)
     tl.store(SGTX + out, tl.sum(gt * xc, axis=0), mask=mask_c)
-    tl.store(SGTT + out, tl.sum(gt * t, axis=0), mask=mask_c)
+    tl.store(SGTT + out, tl.sum(gt * tc, axis=0), mask=mask_c)
 
 
 @triton.jit(do_not_specialize=["n", "C", "S", "s_n", "s_c", "s_s", "t_off", "g_n", "g_c", "g_s", "g_t_off", "o_n", "o_c", "o_s", "o_t_off"])
 def _apply_bwd_kernel(
     Z, G, OUT, n, C, S, s_n, s_c, s_s, t_off, g_n, g_c, g_s, g_t_off, o_n, o_c, o_s, o_t_off,
-    MEAN, A, B, K1, K2, K3, KX, K0, K7, K8,
+    STATS, K1, K2, K3, KX, K0, K8,
     RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     i, s, c, m, _, offs_c, mask_c = _tile(n, C, S, BLOCK_P, BLOCK_C)
-    x, t, g, gt, mu = _bwd_inputs(Z, G, t_off, g_t_off, i * s_n + s * s_s + c * s_c, i * g_n + s * g_s + c * g_c, m,
-                                  MEAN, A, B, offs_c, mask_c, RELU)
-    xc = x - mu
+    xc, tc, g, gt = _bwd_inputs(Z, G, t_off, g_t_off, i * s_n + s * s_s + c * s_c, i * g_n + s * g_s + c * g_c, m,
+                                STATS, C, offs_c, mask_c, RELU)
     k1 = _channel(K1, offs_c, mask_c)
-    gx = (k1 * g + _channel(K2, offs_c, mask_c) * gt + _channel(K3, offs_c, mask_c) * t
+    k3 = _channel(K3, offs_c, mask_c)
+    gx = (k1 * g + _channel(K2, offs_c, mask_c) * gt + k3 * tc
           + _channel(KX, offs_c, mask_c) * xc + _channel(K0, offs_c, mask_c))
-    gxt = k1 * gt + _channel(K7, offs_c, mask_c) * xc + _channel(K8, offs_c, mask_c)
+    gxt = k1 * gt + k3 * xc + _channel(K8, offs_c, mask_c)
     o = i * o_n + s * o_s + c * o_c
     tl.store(OUT + o, gx.to(OUT.dtype.element_ty), mask=m)
     tl.store(OUT + o_t_off + o, gxt.to(OUT.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["nb", "C", "eps"])
+@triton.jit(do_not_specialize=["nb", "C", "eps", "s_c", "t_off"])
 def _finalize_fwd_kernel(
-    CNT, SX, ST, M2, CX, nb, C, W, BIAS, eps,
-    MEAN, RSTD, MT, S, A, B, D, E,
+    CNT, SX, ST, M2, CX, nb, C, W, BIAS, eps, Z, s_c, t_off,
+    MEAN, RSTD, MT, S, A, BETA, D,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Combine the per-block partials (Chan) and emit the statistics and apply coefficients."""
+    """Combine the per-block partials (Chan) and emit the statistics and apply coefficients.
+    The partial sums are of shifted values (``_shift``); the moments do not depend on it."""
     pid = tl.program_id(0)
     offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     mc = offs_c < C
@@ -186,8 +214,12 @@ def _finalize_fwd_kernel(
         sx = tl.load(SX + idx, mask=m, other=0.0)
         st = tl.load(ST + idx, mask=m, other=0.0)
         dm = tl.where(m, sx / cnt[:, None] - mean[None, :], 0.0)
+        dmt = tl.where(m, st / cnt[:, None] - mt[None, :], 0.0)
         m2_tot += tl.sum(tl.load(M2 + idx, mask=m, other=0.0) + cnt[:, None] * dm * dm, axis=0)
-        cx_tot += tl.sum(tl.load(CX + idx, mask=m, other=0.0) + dm * st, axis=0)
+        cx_tot += tl.sum(tl.load(CX + idx, mask=m, other=0.0) + cnt[:, None] * dm * dmt, axis=0)
+    kx, kt = _shift(Z, t_off, s_c, offs_c, mc)
+    mean += kx
+    mt += kt
     var = m2_tot / n_tot
     rstd = 1.0 / tl.sqrt(var + eps)
     s = cx_tot / n_tot * rstd
@@ -200,24 +232,21 @@ def _finalize_fwd_kernel(
     else:
         bet = tl.zeros([BLOCK_C], dtype=tl.float32)
     a = gam * rstd
-    b = bet - a * mean
     d = -a * rstd * s
-    e = -d * mean - a * mt
     tl.store(MEAN + offs_c, mean, mask=mc)
     tl.store(RSTD + offs_c, rstd, mask=mc)
     tl.store(MT + offs_c, mt, mask=mc)
     tl.store(S + offs_c, s, mask=mc)
     tl.store(A + offs_c, a, mask=mc)
-    tl.store(B + offs_c, b, mask=mc)
+    tl.store(BETA + offs_c, bet, mask=mc)
     tl.store(D + offs_c, d, mask=mc)
-    tl.store(E + offs_c, e, mask=mc)
 
 
 @triton.jit(do_not_specialize=["nb", "C", "count"])
 def _finalize_bwd_kernel(
     SG, SGX, SGT, SGTX, SGTT, nb, C, count,
-    RSTD, MT, S, W,
-    K1, K2, K3, KX, K0, K7, K8, GW, GB,
+    RSTD, S, W,
+    K1, K2, K3, KX, K0, K8, GW, GB,
     HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Sum the backward partials; emit the apply coefficients and the gamma/beta gradients."""
@@ -239,7 +268,6 @@ def _finalize_bwd_kernel(
         sgtx += tl.sum(tl.load(SGTX + idx, mask=m, other=0.0), axis=0)
         sgtt += tl.sum(tl.load(SGTT + idx, mask=m, other=0.0), axis=0)
     rstd = tl.load(RSTD + offs_c, mask=mc, other=0.0)
-    mt = tl.load(MT + offs_c, mask=mc, other=0.0)
     s = tl.load(S + offs_c, mask=mc, other=0.0)
     if HAS_W:
         gam = tl.load(W + offs_c, mask=mc, other=1.0).to(tl.float32)
@@ -250,15 +278,14 @@ def _finalize_bwd_kernel(
     gtm = sgt / count
     gtxh = sgtx * rstd / count
     gtt = sgtt / count
-    T = gtt - gtm * mt - gtxh * s
+    T = gtt - gtxh * s  # mean(gyt P t), gtt = mean(gyt (t - mt))
     gr = gam * rstd
     gr2 = gr * rstd
     tl.store(K1 + offs_c, gr, mask=mc)
     tl.store(K2 + offs_c, -gr2 * s, mask=mc)
     tl.store(K3 + offs_c, -gr2 * gtxh, mask=mc)
     tl.store(KX + offs_c, (-gr * gxh + 2.0 * gr2 * s * gtxh - gr2 * T) * rstd, mask=mc)
-    tl.store(K0 + offs_c, -gr * gm + gr2 * s * gtm + gr2 * gtxh * mt, mask=mc)
-    tl.store(K7 + offs_c, -gr2 * gtxh, mask=mc)
+    tl.store(K0 + offs_c, -gr * gm + gr2 * s * gtm, mask=mc)
     tl.store(K8 + offs_c, -gr * gtm, mask=mc)
     tl.store(GW + offs_c, sgx * rstd + count * rstd * T, mask=mc)
     tl.store(GB + offs_c, sg, mask=mc)
@@ -275,17 +302,16 @@ def _as3d(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(-1) if t.dim() == 2 else t.flatten(2)
 
 
-def _has_3d_view(t: torch.Tensor) -> bool:
-    v = _as3d(t)
-    return v is t or v._is_view()
-
-
 def _out3d(t: torch.Tensor) -> torch.Tensor:
-    """The (2n, C, S) view a kernel writes ``t`` through; refuses a copy (its writes would be lost)."""
-    if not _has_3d_view(t):
+    """The (2n, C, S) view a kernel writes ``t`` through; ``view`` never copies, so a layout
+    without one is refused (a copy's writes would be lost) rather than silently dropped."""
+    if t.dim() == 2:
+        return t.unsqueeze(-1)
+    try:
+        return t.view(t.shape[0], t.shape[1], -1)
+    except RuntimeError:
         raise RuntimeError(f"dual BatchNorm kernel: an output of shape {tuple(t.shape)} and strides {t.stride()} "
-                           "has no (2n, C, S) view; allocate it with ops._dual_bn_ops._out_like")
-    return _as3d(t)
+                           "has no (2n, C, S) view; allocate it with ops._dual_bn_ops._out_like") from None
 
 
 def _blocks(C: int, P: int) -> tuple[int, int]:
@@ -305,7 +331,7 @@ def _tiling(z3: torch.Tensor) -> tuple[int, int, int, int, int, tuple[int, int]]
 
 
 def stats_fwd(z: torch.Tensor, weight, bias, eps: float):
-    """(8, C) float32: per-channel statistics and apply coefficients mean, rstd, mt, s, a, b, d, e."""
+    """(7, C) float32: per-channel statistics and apply coefficients mean, rstd, mt, s, a, beta, d."""
     z3 = _as3d(z)
     n, C, S, bp, bc, grid = _tiling(z3)
     f32 = dict(dtype=torch.float32, device=z.device)
@@ -315,52 +341,58 @@ def stats_fwd(z: torch.Tensor, weight, bias, eps: float):
         z3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
         cnt, parts[0], parts[1], parts[2], parts[3], BLOCK_P=bp, BLOCK_C=bc,
     )
-    stats = torch.empty(8, C, **f32)
+    stats = torch.empty(7, C, **f32)
     br, bc2 = _finalize_blocks(C)
     _finalize_fwd_kernel[(triton.cdiv(C, bc2),)](
         cnt, parts[0], parts[1], parts[2], parts[3], grid[0], C,
         weight if weight is not None else stats, bias if bias is not None else stats, float(eps),
+        z3, z3.stride(1), n * z3.stride(0),
         *stats, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=br, BLOCK_C=bc2,
     )
     return stats
 
 
-def apply_fwd(z, out, a, b, d, e, relu):
+def apply_fwd(z, out, stats, relu):
+    stats = stats.contiguous()  # the kernels address row r at STATS + r * C
     z3, o3 = _as3d(z), _out3d(out)
     n, C, S, bp, bc, grid = _tiling(z3)
     _apply_fwd_kernel[grid](
         z3, o3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
         o3.stride(0), o3.stride(1), o3.stride(2), n * o3.stride(0),
-        a, b, d, e, RELU=relu, BLOCK_P=bp, BLOCK_C=bc,
+        stats, RELU=relu, BLOCK_P=bp, BLOCK_C=bc,
     )
 
 
 def stats_bwd(z, g, weight, stats, relu):
-    """(k1, k2, k3, kx, k0, k7, k8, g_weight, g_bias): backward coefficients, float32."""
-    mean, rstd, mt, s, a, b = stats[:6]
+    """(8, C) float32 rows k1, k2, k3, kx, k0, k8, g_weight, g_bias: the backward apply
+    coefficients and the affine parameters' gradients."""
+    stats = stats.contiguous()  # the kernels address row r at STATS + r * C
+    rstd, s = stats[1], stats[3]
     z3, g3 = _as3d(z), _as3d(g)
     n, C, S, bp, bc, grid = _tiling(z3)
     parts = torch.empty(5, grid[0], C, dtype=torch.float32, device=z.device)
     _stats_bwd_kernel[grid](
         z3, g3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
         g3.stride(0), g3.stride(1), g3.stride(2), n * g3.stride(0),
-        mean, a, b, *parts, RELU=relu, BLOCK_P=bp, BLOCK_C=bc,
+        stats, *parts, RELU=relu, BLOCK_P=bp, BLOCK_C=bc,
     )
-    out = torch.empty(9, C, dtype=torch.float32, device=z.device)
+    out = torch.empty(8, C, dtype=torch.float32, device=z.device)
     br, bc2 = _finalize_blocks(C)
     _finalize_bwd_kernel[(triton.cdiv(C, bc2),)](
-        *parts, grid[0], C, float(n * S), rstd, mt, s, weight if weight is not None else rstd,
+        *parts, grid[0], C, float(n * S), rstd, s, weight if weight is not None else rstd,
         *out, HAS_W=weight is not None, BLOCK_R=br, BLOCK_C=bc2,
     )
-    return tuple(out)
+    return out
 
 
-def apply_bwd(z, g, gz, mean, a, b, k1, k2, k3, kx, k0, k7, k8, relu):
+def apply_bwd(z, g, gz, stats, coef, relu):
+    """Writes grad_z into ``gz`` from the rows of ``stats_bwd``'s ``coef``."""
+    stats = stats.contiguous()  # the kernels address row r at STATS + r * C
     z3, g3, o3 = _as3d(z), _as3d(g), _out3d(gz)
     n, C, S, bp, bc, grid = _tiling(z3)
     _apply_bwd_kernel[grid](
         z3, g3, o3, n, C, S, z3.stride(0), z3.stride(1), z3.stride(2), n * z3.stride(0),
         g3.stride(0), g3.stride(1), g3.stride(2), n * g3.stride(0),
         o3.stride(0), o3.stride(1), o3.stride(2), n * o3.stride(0),
-        mean, a, b, k1, k2, k3, kx, k0, k7, k8, RELU=relu, BLOCK_P=bp, BLOCK_C=bc,
+        stats, *coef[:6], RELU=relu, BLOCK_P=bp, BLOCK_C=bc,
     )

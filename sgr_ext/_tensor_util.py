@@ -2,6 +2,8 @@
 the plain-torch oracles in ``sgr_ext.reference``, so neither side imports the other's module."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -20,3 +22,12 @@ def penalty_dtype(dtype: torch.dtype, distance: str) -> torch.dtype:
 def channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
     """(C,) -> (1, C, 1, ...) for a (n, C, *spatial) tensor of ``ndim`` dims."""
     return v.view(1, -1, *([1] * (ndim - 2)))
+
+
+def autocast_off(device_type: str):
+    """A context with autocast disabled on ``device_type``: ``torch.autocast(..., enabled=False)``
+    where autocast is on, else a no-op context (entering and leaving an autocast context costs
+    microseconds, and the dual ops enter one per call, many per step)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

@@ -131,7 +131,10 @@ class LocalNet(nn.Module):
             and ``sgr_ext.engine.verify.EngineMismatch`` names the block and the relative error
             when they disagree beyond a dtype-aware bound. For architectures outside the
             tested op set. Cost (``sgr_ext.engine.verify``): three sub-batch block steps per block,
-            once (measured: about 1.5 full steps, on the first step only); off by default.
+            once (measured: about 1.5 full steps, on the first step only); off by default. Only
+            ``side="input"`` runs the engines it checks: ``"output"`` and ``"handback"`` compute
+            with torch autograd (one block's double backward, or a plain backward), so there
+            ``verify`` has nothing to compare and does nothing.
     """
 
     def __init__(

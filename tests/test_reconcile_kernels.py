@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sgr_ext.ops import _backends, _reconcile_ops
-from sgr_ext.ops.reconcile import IMPLS, BackendUnavailable, reconcile, resolve_impl
+from sgr_ext.ops.reconcile import IMPLS, BackendUnavailable, reconcile, reconcile_and_grad, resolve_impl
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CPU = torch.device("cpu")
@@ -116,6 +116,25 @@ def test_matches_float64_reference(impl, device, distance, shape, dtype):
     tol = 2e-6 if dtype == torch.float32 else 1e-12
     assert abs(float(loss) - float(ref)) <= tol * max(1.0, abs(float(ref)))
     assert rel(g, ref_g, grad_scale(a, d, distance)) <= tol
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("impl,device", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+def test_reconcile_and_grad_is_reconcile_and_its_autograd_gradient(impl, device, distance, dtype):
+    # the engines' one-call (R, dR/da), computed without autograd on the kernel paths: the same
+    # numbers as reconcile + autograd.grad, on a non-contiguous a of an odd shape
+    a = randn(7, 5, 9, dtype=dtype, device=device).transpose(1, 2)
+    d = randn(7, 9, 5, dtype=dtype, device=device)
+    loss, g = reconcile_and_grad(a, d, distance=distance, impl=impl)
+    want_loss, want_g = run(a, d, distance, impl)
+    assert loss.dtype == want_loss.dtype and g.dtype == dtype and g.shape == a.shape
+    assert not loss.requires_grad and not g.requires_grad
+    tol = {torch.float32: 1e-6, torch.float64: 1e-13, torch.bfloat16: 1e-2}[dtype]
+    assert abs(float(loss) - float(want_loss)) <= tol * max(1.0, abs(float(want_loss)))
+    assert rel(g, want_g) <= tol
+    if dtype != torch.bfloat16:
+        assert rel(g, ref_grad(a, d, distance)[1], grad_scale(a, d, distance)) <= 10 * tol
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -18,7 +18,7 @@ from torch import nn
 from sgr_ext.blocks import LocalBlock
 from sgr_ext.engine import fused_head
 from sgr_ext.engine.base import BlockResult, StepConfig, alignment
-from sgr_ext.ops.reconcile import reconcile
+from sgr_ext.ops.reconcile import reconcile, reconcile_and_grad
 from sgr_ext._tensor_util import accumulate_dtype
 
 _RANDOM_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU)
@@ -135,11 +135,7 @@ def first_pass(block: LocalBlock, x_prev: torch.Tensor, y: torch.Tensor, cfg: St
 
 def penalty_direction(a: torch.Tensor, d_prev: torch.Tensor, cfg: StepConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """R = reconcile(A, D_{k-1}) and w = dR/dA (first derivative only, detached)."""
-    with torch.enable_grad():
-        a_ = a.detach().requires_grad_(True)
-        pen = reconcile(a_, d_prev, distance=cfg.distance, eps=cfg.eps)
-        (w,) = torch.autograd.grad(pen, a_)
-    return pen.detach(), w
+    return reconcile_and_grad(a, d_prev, distance=cfg.distance, eps=cfg.eps)
 
 
 def accumulate(params, grads) -> None:

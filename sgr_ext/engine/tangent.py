@@ -56,6 +56,13 @@ def tangent_scale(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.exp2(e)
 
 
+def _narrow_tangents(u: torch.Tensor) -> bool:
+    """The tangent pass runs in a 16-bit type (u's dtype, or autocast's), whose range a raw
+    w = dR/dA may leave; float32/float64 carry w as it is (saves two norms per block)."""
+    dev = u.device.type
+    return u.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(dev)
+
+
 def step(
     block: LocalBlock,
     x_prev: torch.Tensor,
@@ -89,7 +96,7 @@ def step(
         # 3. one tangent-carrying forward and one backward of l + lam B ldot (of B ldot alone,
         # i.e. grad R_k, when split)
         if params:
-            s = tangent_scale(u, w)
+            s = tangent_scale(u, w) if _narrow_tangents(u) else 1.0
             z = dual.pack(u.detach(), w * s)
             del w
             with dual.frozen_norm_stats(block), rng:

@@ -46,6 +46,11 @@ def interpret_mode_constant() -> bool:
     return interpret_mode()
 
 
+@torch.compiler.assume_constant_result
+def cpp_built_constant() -> bool:
+    return cpp_ops() is not None
+
+
 def require_triton(op: str, device: torch.device, cpu_alternative: str) -> None:
     """Raise BackendUnavailable unless ``op(impl='triton')`` can run on ``device``
     (``cpu_alternative`` names the impls to use for CPU tensors instead)."""
@@ -59,6 +64,17 @@ def require_triton(op: str, device: torch.device, cpu_alternative: str) -> None:
         )
     if device.type not in ("cuda", "cpu"):
         raise BackendUnavailable(f"{op}(impl='triton'): no Triton backend for device {device}")
+
+
+def require_cpp(op: str, device: torch.device) -> None:
+    """Raise BackendUnavailable unless ``op(impl='cpp')`` can run on ``device``."""
+    if device.type != "cpu":
+        raise BackendUnavailable(f"{op}(impl='cpp'): the C++ kernels run on CPU tensors only, got device {device}")
+    if cpp_ops() is None:
+        raise BackendUnavailable(
+            f"{op}(impl='cpp'): the C++ library is not available (SGR_EXT_NO_CPP=1, or the build "
+            "failed: see the warning and sgr_ext.info()); use impl=None or 'torch'"
+        )
 
 
 def triton_runs_on(device: torch.device) -> bool:

@@ -1,14 +1,14 @@
 """The dual BatchNorm op: backend calls and torch.library custom ops.
 
 Three ops over the packed dual tensor ``z`` (2n, C, *spatial) on the chosen backend
-(``impl`` = "triton" or "torch"), each under autocast disabled:
+(``impl`` = "triton", "cpp" or "torch"), each under autocast disabled:
 
     sgr_ext::dual_bn_fwd(z, weight, bias, eps, relu, impl) -> (out, stats)
     sgr_ext::dual_bn_apply(z, stats, relu, impl) -> out
     sgr_ext::dual_bn_bwd(z, grad, weight, stats, relu, impl) -> (grad_z, grad_weight, grad_bias)
 
-``stats`` (8, C) in the accumulate dtype holds the per-channel statistics and apply
-coefficients; ``dual_bn_apply`` recomputes the output from them (a caller that does not keep
+``stats`` (7, C) in the accumulate dtype holds the per-channel statistics and apply
+coefficients (mean, rstd, mt, s, a, beta, d; see ``STATS_ROWS``); ``dual_bn_apply`` recomputes the output from them (a caller that does not keep
 the output, e.g. a fused BN -> ReLU -> conv, recomputes it in backward). The ops carry no
 autograd formula: ``sgr_ext.engine.dual.batchnorm.DualBatchNorm`` is the autograd Function
 that pairs forward and backward. ``register_fake`` gives shapes, so torch.compile traces them.
@@ -20,10 +20,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from sgr_ext.ops import _dual_bn_torch
-from sgr_ext._tensor_util import accumulate_dtype
+from sgr_ext.ops import _backends, _dual_bn_torch
+from sgr_ext._tensor_util import accumulate_dtype, autocast_off
 
-KERNEL_IMPLS = ("torch", "triton")
+KERNEL_IMPLS = ("torch", "cpp", "triton")
+# The rows of ``stats``: batch mean and inverse std of the primal, mean of the tangent,
+# s = mean(xh t), and the centred apply coefficients of y = a (x - mean) + beta,
+# yt = a (t - mt) + d (x - mean). Centred, so that float32 loses nothing to cancellation
+# when |mean| is many times the std.
+STATS_ROWS = ("mean", "rstd", "mt", "s", "a", "beta", "d")
 
 
 def _triton_module():
@@ -50,11 +55,11 @@ def _check_impl(impl: str) -> None:
 
 
 def kernel_fwd(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, relu: bool, impl: str) -> tuple[Tensor, Tensor]:
-    """(out like z, stats (8, C) accumulate dtype): mean, rstd, mt, s, a, b, d, e per channel
-    (batch mean and inverse std of the primal, mean of the tangent, s = mean(xh t), and the
-    apply coefficients of y = a x + b, yt = a t + d x + e)."""
+    """(out like z, stats (7, C) accumulate dtype, rows ``STATS_ROWS``)."""
     _check_impl(impl)
-    with torch.autocast(z.device.type, enabled=False):
+    with autocast_off(z.device.type):
+        if impl == "cpp":
+            return _backends.cpp_ops().dual_bn_fwd(z, weight, bias, eps, relu)
         if impl == "triton":
             stats = _triton_module().stats_fwd(z, weight, bias, eps)
         else:
@@ -64,28 +69,32 @@ def kernel_fwd(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
 
 
 def kernel_apply(z: Tensor, stats: Tensor, relu: bool, impl: str) -> Tensor:
-    """y = a x + b, yt = a t + d x + e (then ReLU on both halves, mask y > 0): like z."""
+    """y = a (x - mean) + beta, yt = a (t - mt) + d (x - mean) (then ReLU on both halves,
+    mask y > 0): like z."""
     _check_impl(impl)
-    a, b, d, e = stats[4:]
-    out = _out_like(z)
-    with torch.autocast(z.device.type, enabled=False):
+    with autocast_off(z.device.type):
+        if impl == "cpp":
+            return _backends.cpp_ops().dual_bn_apply(z, stats, relu)
+        out = _out_like(z)
         if impl == "triton":
-            _triton_module().apply_fwd(z, out, a, b, d, e, relu)
+            _triton_module().apply_fwd(z, out, stats, relu)
         else:
-            _dual_bn_torch.apply_fwd(z, out, a, b, d, e, relu)
+            _dual_bn_torch.apply_fwd(z, out, stats, relu)
     return out
 
 
 def kernel_bwd(z: Tensor, grad: Tensor, weight: Optional[Tensor], stats: Tensor, relu: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_z like z, grad_weight (C,), grad_bias (C,)); the last two in the accumulate dtype."""
     _check_impl(impl)
-    mean, a, b = stats[0], stats[4], stats[5]
-    with torch.autocast(z.device.type, enabled=False):
+    with autocast_off(z.device.type):
+        if impl == "cpp":
+            return _backends.cpp_ops().dual_bn_bwd(z, grad, weight, stats, relu)
         gz = _out_like(z)
         if impl == "triton":
             K = _triton_module()
-            k1, k2, k3, kx, k0, k7, k8, g_w, g_b = K.stats_bwd(z, grad, weight, stats, relu)
-            K.apply_bwd(z, grad, gz, mean, a, b, k1, k2, k3, kx, k0, k7, k8, relu)
+            coef = K.stats_bwd(z, grad, weight, stats, relu)
+            K.apply_bwd(z, grad, gz, stats, coef, relu)
+            g_w, g_b = coef[-2], coef[-1]
         else:
             g_w, g_b = _dual_bn_torch.backward(z, grad, gz, weight, stats, relu)
     return gz, g_w, g_b
@@ -95,12 +104,12 @@ def kernel_bwd(z: Tensor, grad: Tensor, weight: Optional[Tensor], stats: Tensor,
 
 
 def _fake_stats(z: Tensor) -> Tensor:
-    return z.new_empty((8, z.shape[1]), dtype=accumulate_dtype(z.dtype))
+    return z.new_empty((len(STATS_ROWS), z.shape[1]), dtype=accumulate_dtype(z.dtype))
 
 
 @torch.library.custom_op("sgr_ext::dual_bn_fwd", mutates_args=())
 def dual_bn_fwd(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, relu: bool, impl: str) -> tuple[Tensor, Tensor]:
-    """(out like z, stats (8, C)); see ``kernel_fwd``."""
+    """(out like z, stats (7, C)); see ``kernel_fwd``."""
     return kernel_fwd(z, weight, bias, eps, relu, impl)
 
 

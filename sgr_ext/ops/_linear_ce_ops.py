@@ -24,7 +24,7 @@ from torch import Tensor
 from sgr_ext.ops import _backends
 from sgr_ext.ops._linear_ce_double_backward import double_backward
 from sgr_ext.ops._linear_ce_fused import _cpp, _empty, _reduce, _row_scale, _triton, fused_backward, fused_forward
-from sgr_ext._tensor_util import accumulate_dtype
+from sgr_ext._tensor_util import accumulate_dtype, autocast_off
 
 
 def _loss_shape(x: Tensor, reduction: str) -> tuple:
@@ -35,7 +35,7 @@ def _loss_shape(x: Tensor, reduction: str) -> tuple:
 def _no_autocast(x: Tensor):
     """Kernels choose their own precision (autocast must not recast the GEMMs inside them)
     and run on x's device (Triton launches on the current device)."""
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         if x.device.type == "cuda":
             with torch.cuda.device(x.device):
                 yield

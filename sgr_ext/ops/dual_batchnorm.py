@@ -14,8 +14,14 @@ Paths (``impl``):
 
 - ``"triton"``: four fused passes (``sgr_ext.kernels.dual_batchnorm``), float16 / bfloat16 /
   float32, statistics in float32. CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``.
+- ``"cpp"``: one C++ op per entry point (``csrc/dual_batchnorm.cpp``), CPU tensors, every
+  float dtype; sums and element arithmetic in float64.
 - ``"torch"``: torch ops (``sgr_ext.ops._dual_bn_torch``), any device and float dtype.
-- ``None``: CUDA tensors of a Triton dtype -> triton (if installed), otherwise torch.
+- ``None``: CUDA tensors of a Triton dtype -> triton (if installed); CPU tensors -> cpp (if
+  the C++ library is built); otherwise torch.
+
+Every path centres before multiplying (x - mean, t - mt), so float32 keeps its accuracy when
+a channel's |mean| is many times its std.
 
 In eager mode the entry points call the backend directly; under torch.compile they go through
 the ``sgr_ext::dual_bn_*`` custom ops (``sgr_ext.ops._dual_bn_ops``).
@@ -27,10 +33,11 @@ from typing import Optional
 import torch
 
 from sgr_ext import _checks
+from sgr_ext._tensor_util import accumulate_dtype
 from sgr_ext.ops import _backends
 from sgr_ext.ops import _dual_bn_ops
 
-IMPLS = ("torch", "triton")
+IMPLS = ("torch", "cpp", "triton")
 BackendUnavailable = _backends.BackendUnavailable
 
 # dtypes each fused path runs (the torch path runs every float dtype)
@@ -45,9 +52,14 @@ def resolve_impl(impl: str | None, device: torch.device, dtype: torch.dtype) -> 
     if impl is None:
         if device.type == "cuda" and dtype in SUPPORTED_DTYPES["triton"] and _backends.triton_installed_constant():
             return "triton"
+        if device.type == "cpu" and _backends.cpp_built_constant():
+            return "cpp"
         return "torch"
     _checks.choice("impl", impl, IMPLS)
     if impl == "torch":
+        return impl
+    if impl == "cpp":
+        _backends.require_cpp("dual_batchnorm", device)
         return impl
     _backends.require_triton("dual_batchnorm", device, "impl=None or 'torch'")
     if dtype not in SUPPORTED_DTYPES["triton"]:
@@ -70,10 +82,36 @@ def _check_channel(name: str, v: Optional[torch.Tensor], C: int) -> None:
             raise ValueError(f"{name}: expected shape ({C},) (one value per channel of z), got {tuple(v.shape)}")
 
 
-def _check_stats(stats: torch.Tensor, C: int) -> None:
+def _check_stats(stats: torch.Tensor, z: torch.Tensor) -> None:
     _checks.tensor("stats", stats, floating=True)
-    if stats.shape != (8, C):
-        raise ValueError(f"stats: expected shape (8, {C}) as dual_batchnorm_forward returns it, got {tuple(stats.shape)}")
+    want = (len(_dual_bn_ops.STATS_ROWS), z.shape[1])
+    if stats.shape != want or stats.dtype != accumulate_dtype(z.dtype):
+        raise ValueError(f"stats: expected shape {want} and dtype {accumulate_dtype(z.dtype)} as dual_batchnorm_forward "
+                         f"returns them for z, got {tuple(stats.shape)} {stats.dtype}")
+
+
+def _dispatch(op: str, kernel, *args):
+    """The backend call in eager mode; the ``sgr_ext::`` custom op under torch.compile."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.sgr_ext, op)(*args)
+    return kernel(*args)
+
+
+def trusted_forward(z, weight, bias, eps: float, relu: bool, impl: str):
+    """``dual_batchnorm_forward`` without the argument checks, for the exact engine, whose
+    inputs are packed by construction and whose ``impl`` is resolved (checks are per call,
+    several per layer, a measurable share of a small-batch step)."""
+    return _dispatch("dual_bn_fwd", _dual_bn_ops.kernel_fwd, z, weight, bias, float(eps), bool(relu), impl)
+
+
+def trusted_apply(z, stats, relu: bool, impl: str):
+    """``dual_batchnorm_apply`` without the argument checks (see ``trusted_forward``)."""
+    return _dispatch("dual_bn_apply", _dual_bn_ops.kernel_apply, z, stats, bool(relu), impl)
+
+
+def trusted_backward(z, grad, weight, stats, relu: bool, impl: str):
+    """``dual_batchnorm_backward`` without the argument checks (see ``trusted_forward``)."""
+    return _dispatch("dual_bn_bwd", _dual_bn_ops.kernel_bwd, z, grad, weight, stats, bool(relu), impl)
 
 
 def dual_batchnorm_forward(
@@ -85,9 +123,9 @@ def dual_batchnorm_forward(
     *,
     impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, stats): ``out`` like ``z`` (dtype and memory format); ``stats`` (8, C) float32
+    """(out, stats): ``out`` like ``z`` (dtype and memory format); ``stats`` (7, C) float32
     (float64 for float64 ``z``): per channel mean, rstd, mt = mean(t), s, and the apply
-    coefficients a, b, d, e of y = a x + b, yt = a t + d x + e.
+    coefficients a, beta, d of y = a (x - mean) + beta, yt = a (t - mt) + d (x - mean).
 
     Args: z (2n, C, *spatial) any float dtype; weight, bias (C,) or None; eps >= 0; relu.
     """
@@ -96,18 +134,15 @@ def dual_batchnorm_forward(
     _check_channel("bias", bias, C)
     eps = _checks.nonneg_finite("eps", eps)
     path = resolve_impl(impl, z.device, z.dtype)
-    if torch.compiler.is_compiling():
-        return torch.ops.sgr_ext.dual_bn_fwd(z, weight, bias, eps, bool(relu), path)
-    return _dual_bn_ops.kernel_fwd(z, weight, bias, eps, bool(relu), path)
+    return _dispatch("dual_bn_fwd", _dual_bn_ops.kernel_fwd, z, weight, bias, eps, bool(relu), path)
 
 
 def dual_batchnorm_apply(z: torch.Tensor, stats: torch.Tensor, relu: bool = False, *, impl: str | None = None) -> torch.Tensor:
     """The forward output recomputed from ``stats`` (as ``dual_batchnorm_forward`` returned them)."""
-    _check_stats(stats, _check_packed(z))
+    _check_packed(z)
+    _check_stats(stats, z)
     path = resolve_impl(impl, z.device, z.dtype)
-    if torch.compiler.is_compiling():
-        return torch.ops.sgr_ext.dual_bn_apply(z, stats, bool(relu), path)
-    return _dual_bn_ops.kernel_apply(z, stats, bool(relu), path)
+    return _dispatch("dual_bn_apply", _dual_bn_ops.kernel_apply, z, stats, bool(relu), path)
 
 
 def dual_batchnorm_backward(
@@ -127,8 +162,6 @@ def dual_batchnorm_backward(
     if grad.shape != z.shape:
         raise ValueError(f"grad: expected the shape of z {tuple(z.shape)}, got {tuple(grad.shape)}")
     _check_channel("weight", weight, C)
-    _check_stats(stats, C)
+    _check_stats(stats, z)
     path = resolve_impl(impl, z.device, z.dtype)
-    if torch.compiler.is_compiling():
-        return torch.ops.sgr_ext.dual_bn_bwd(z, grad, weight, stats, bool(relu), path)
-    return _dual_bn_ops.kernel_bwd(z, grad, weight, stats, bool(relu), path)
+    return _dispatch("dual_bn_bwd", _dual_bn_ops.kernel_bwd, z, grad, weight, stats, bool(relu), path)

@@ -35,13 +35,6 @@ SUPPORTED_DTYPES = {
 }
 
 
-# Availability is a property of the process, not of the traced values: torch.compile
-# evaluates it once at trace time instead of tracing into the build.
-@torch.compiler.assume_constant_result
-def _cpp_built() -> bool:
-    return _backends.cpp_ops() is not None
-
-
 def resolve_impl(impl: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """The path that ``reconcile`` takes for tensors on ``device`` of ``dtype``.
 
@@ -51,22 +44,14 @@ def resolve_impl(impl: str | None, device: torch.device, dtype: torch.dtype) -> 
         if device.type == "cuda":
             return "triton" if _backends.triton_installed_constant() else "torch"
         if device.type == "cpu":
-            return "cpp" if _cpp_built() else "torch"
+            return "cpp" if _backends.cpp_built_constant() else "torch"
         return "torch"
     if impl == "torch":
         return impl
     if impl == "triton":
         _backends.require_triton("reconcile", device, "impl=None or 'cpp'")
     elif impl == "cpp":
-        if device.type != "cpu":
-            raise BackendUnavailable(
-                f"reconcile(impl='cpp'): the C++ kernels run on CPU tensors only, got device {device}"
-            )
-        if not _cpp_built():
-            raise BackendUnavailable(
-                "reconcile(impl='cpp'): the C++ library is not available (SGR_EXT_NO_CPP=1, or the build "
-                "failed: see the warning and sgr_ext.info()); use impl=None or 'torch'"
-            )
+        _backends.require_cpp("reconcile", device)
     if dtype not in SUPPORTED_DTYPES[impl]:
         raise BackendUnavailable(f"reconcile(impl={impl!r}) does not support dtype {dtype}")
     return impl
@@ -124,14 +109,52 @@ def reconcile(
     return _reconcile_ops.ReconcileFn.apply(a, d.detach(), distance, eps, path)
 
 
-def _relative(a: torch.Tensor, d: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a_i s_i, d_i s_i) with s_i = 1 / sqrt(|d_i|^2 + eps), in the accumulate dtype.
-
-    a, d: (B, *). The scaled pair is float32 for half inputs (1/|d_i| of a small d_i leaves
-    float16's range), float64 for float64. Differentiable in ``a``; ``d`` is a constant.
-    """
-    acc = accumulate_dtype(a.dtype)
-    d = d.detach().to(acc)
+def _relative_scale(d: torch.Tensor, eps: float) -> torch.Tensor:
+    """s_i = 1 / sqrt(|d_i|^2 + eps), shaped (B, 1, ...) to broadcast over d, in the accumulate
+    dtype (float32 for half inputs: 1/|d_i| of a small d_i leaves float16's range)."""
+    d = d.detach().to(accumulate_dtype(d.dtype))
     norm2 = torch.linalg.vector_norm(d.reshape(d.shape[0], -1), dim=1).pow(2)
-    s = torch.rsqrt(norm2 + eps).reshape((-1,) + (1,) * (d.dim() - 1))
-    return a.to(acc) * s, d * s
+    return torch.rsqrt(norm2 + eps).reshape((-1,) + (1,) * (d.dim() - 1))
+
+
+def _relative(a: torch.Tensor, d: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_i s_i, d_i s_i) (``_relative_scale``), in the accumulate dtype. a, d: (B, *).
+    Differentiable in ``a``; ``d`` is a constant."""
+    s = _relative_scale(d, eps)
+    return a.to(s.dtype) * s, d.detach().to(s.dtype) * s
+
+
+def reconcile_and_grad(
+    a: torch.Tensor, d: torch.Tensor, *, distance: str = "l2", eps: float = 1e-8, impl: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, dR/da): ``reconcile(a, d)`` and its gradient w.r.t. ``a``, detached, in one forward
+    and one backward kernel call (no autograd graph; the engines need both every block).
+
+    Same arguments, checks, dtypes and paths as ``reconcile``; the gradient has a's shape and
+    dtype. The torch path (and torch.compile) goes through autograd."""
+    _checks.tensor("a", a, floating=True, min_dim=1)
+    _checks.tensor("d", d, floating=True, min_dim=1)
+    _checks.batch("a", a)
+    _checks.same_shape("a", a, "d", d)
+    distance = _checks.distance(distance)
+    eps = _checks.nonneg_finite("eps", eps)
+    if impl is not None:
+        _checks.choice("impl", impl, IMPLS)
+    path = resolve_impl(impl, a.device, a.dtype)
+    if path == "torch" or torch.compiler.is_compiling():
+        with torch.enable_grad():
+            a_ = a.detach().requires_grad_(True)
+            pen = reconcile(a_, d, distance=distance, eps=eps, impl=path)
+            (grad,) = torch.autograd.grad(pen, a_)
+        return pen.detach(), grad
+    dtype = a.dtype
+    a, d = a.detach(), d.detach()
+    scale = None
+    if distance == "l2_rel":
+        scale = _relative_scale(d, eps)
+        a, d, distance = a.to(scale.dtype) * scale, d.to(scale.dtype) * scale, "l2"
+    loss, stats = _reconcile_ops.kernel_fwd(a, d, distance, eps, path)
+    grad = _reconcile_ops.kernel_bwd(torch.ones_like(loss), a, d, stats, distance, eps, path).view(a.shape)
+    if scale is not None:
+        grad = (grad * scale).to(dtype)
+    return loss, grad

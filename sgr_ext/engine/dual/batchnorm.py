@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sgr_ext._tensor_util import channel_view
+from sgr_ext._tensor_util import autocast_off, channel_view
 from sgr_ext.engine.dual.conv import _conv_backward, _conv_dtype
 from sgr_ext.engine.dual.elementwise import _relu
 from sgr_ext.engine.dual.value import Dual, _refuse
@@ -56,7 +56,7 @@ class DualBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, weight, bias, eps: float, relu: bool):
         impl = _impl(z)
-        out, stats = dual_batchnorm.dual_batchnorm_forward(z, weight, bias, eps, relu, impl=impl)
+        out, stats = dual_batchnorm.trusted_forward(z, weight, bias, eps, relu, impl)
         ctx.relu, ctx.impl = relu, impl
         ctx.save_for_backward(z, weight, bias, stats)
         return out
@@ -71,7 +71,7 @@ class DualBatchNorm(torch.autograd.Function):
 def _bn_bwd(z, grad, weight, bias, stats, relu, impl, need_w=True, need_b=True):
     """Backward of the dual BN(+ReLU): (grad_z, grad_weight, grad_bias), the parameter
     gradients in the parameters' dtypes (None where not needed)."""
-    gz, g_w, g_b = dual_batchnorm.dual_batchnorm_backward(z, grad, weight, stats, relu, impl=impl)
+    gz, g_w, g_b = dual_batchnorm.trusted_backward(z, grad, weight, stats, relu, impl)
     g_w = g_w.to(weight.dtype) if weight is not None and need_w else None
     g_b = g_b.to(bias.dtype) if bias is not None and need_b else None
     return gz, g_w, g_b
@@ -89,9 +89,9 @@ class DualBNReLUConv(torch.autograd.Function):
     def forward(ctx, z, gamma, beta, eps, weight, stride, padding, dilation, groups):
         cdt = _conv_dtype(z)
         impl = _impl(z)
-        y, stats = dual_batchnorm.dual_batchnorm_forward(z, gamma, beta, eps, True, impl=impl)
+        y, stats = dual_batchnorm.trusted_forward(z, gamma, beta, eps, True, impl)
         conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
-        with torch.autocast(z.device.type, enabled=False):
+        with autocast_off(z.device.type):
             out = conv(y.to(cdt), weight.to(cdt), None, stride, padding, dilation, groups)
         del y
         ctx.cdt, ctx.impl = cdt, impl
@@ -103,8 +103,8 @@ class DualBNReLUConv(torch.autograd.Function):
     def backward(ctx, grad):
         z, gamma, beta, weight, stats = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
-        y = dual_batchnorm.dual_batchnorm_apply(z, stats, True, impl=ctx.impl)
-        with torch.autocast(z.device.type, enabled=False):
+        y = dual_batchnorm.trusted_apply(z, stats, True, ctx.impl)
+        with autocast_off(z.device.type):
             w = weight.to(ctx.cdt)
             g_y, g_w, _ = _conv_backward(
                 grad.to(ctx.cdt), y.to(ctx.cdt), w, stride, padding, dilation, groups, [True, ctx.needs_input_grad[4], False]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgr_ext.engine.dual.value import Dual, _with_bias
+from sgr_ext._tensor_util import autocast_off
 
 
 def _std(t: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,7 @@ class DualInputConv(torch.autograd.Function):
     def forward(ctx, p, t, weight, stride, padding, dilation, groups):
         cdt = _conv_dtype(p)
         conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
-        with torch.autocast(p.device.type, enabled=False):
+        with autocast_off(p.device.type):
             z, w = torch.cat([p, t]).to(cdt), weight.to(cdt)
             if _cpu_1x1_strided(z, w, stride):  # see _conv_backward
                 z, w = _std(z), _std(w)
@@ -87,7 +88,7 @@ class DualInputConv(torch.autograd.Function):
         p, t, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         need_in = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        with torch.autocast(p.device.type, enabled=False):
+        with autocast_off(p.device.type):
             g_in, g_w, _ = _conv_backward(
                 grad.to(ctx.cdt), torch.cat([p, t]).to(ctx.cdt), weight.to(ctx.cdt), stride, padding, dilation, groups,
                 [need_in, ctx.needs_input_grad[2], False],

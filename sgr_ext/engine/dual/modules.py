@@ -91,11 +91,19 @@ MODULE_RULES: list[tuple[Any, Callable]] = [
 ]
 
 
+_RULE_CACHE: dict = {}  # module type -> (the MODULE_RULES it was looked up in, rule)
+
+
 def _module_rule(m: nn.Module) -> Optional[Callable]:
-    for types, rule in MODULE_RULES:
-        if isinstance(m, types):
-            return rule
-    return None
+    """The first MODULE_RULES entry ``m`` is an instance of; cached per type (it is looked up
+    per node, per step), and looked up again when MODULE_RULES is replaced."""
+    cls = type(m)
+    hit = _RULE_CACHE.get(cls)
+    if hit is not None and hit[0] is MODULE_RULES:
+        return hit[1]
+    rule = next((r for types, r in MODULE_RULES if issubclass(cls, types)), None)
+    _RULE_CACHE[cls] = (MODULE_RULES, rule)
+    return rule
 
 
 def _call_module(m: nn.Module, args, kwargs):

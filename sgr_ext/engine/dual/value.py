@@ -81,15 +81,17 @@ def _tree_map(fn, tree):
 
 
 def _has_dual(tree) -> bool:
-    found = False
-
-    def visit(v):
-        nonlocal found
-        found = found or isinstance(v, Dual)
-        return v
-
-    _tree_map(visit, tree)
-    return found
+    """Whether ``tree`` (``_tree_map``'s containers) holds a Dual; stops at the first one and
+    builds nothing (it runs on every node's arguments)."""
+    if isinstance(tree, Dual):
+        return True
+    if isinstance(tree, (list, tuple)):
+        return any(_has_dual(v) for v in tree)
+    if isinstance(tree, dict):
+        return any(_has_dual(v) for v in tree.values())
+    if isinstance(tree, slice):
+        return _has_dual((tree.start, tree.stop, tree.step))
+    return False
 
 
 def _align(P: torch.Tensor, ndim: int) -> torch.Tensor:
