@@ -6,12 +6,11 @@ was expected, so that bad input never reaches a kernel.
 """
 from __future__ import annotations
 
-import math
-from typing import Iterable
-
 import torch
 
-DISTANCES = ("l2", "l2_rel", "cosine")
+# the plain-value checks live in a torch-free module (the command line uses them before importing torch)
+from sgr_ext._options import choice, distance, nonneg_finite, positive_int  # noqa: F401  (re-exported)
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -47,40 +46,6 @@ def same_shape(name_a: str, a: torch.Tensor, name_d: str, d: torch.Tensor) -> No
         raise TypeError(f"{name_d}: expected the same dtype as {name_a} ({a.dtype}), got {d.dtype}")
     if a.device != d.device:
         raise ValueError(f"{name_d}: expected the same device as {name_a} ({a.device}), got {d.device}")
-
-
-def choice(name: str, value, allowed: Iterable[str]) -> str:
-    allowed = tuple(allowed)
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
-    return value
-
-
-def distance(value) -> str:
-    return choice("distance", value, DISTANCES)
-
-
-def nonneg_finite(name: str, value) -> float:
-    """A real number >= 0 that is not NaN or infinite (lam, eps, ...)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    try:
-        value = float(value)
-    except OverflowError:  # an int beyond the float range
-        raise ValueError(f"{name}: expected a finite number >= 0, got an int with {len(str(value))} digits") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
-    return value
-
-
-def positive_int(name: str, value, *, at_most: int | None = None, what: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value}")
-    if at_most is not None and value > at_most:
-        raise ValueError(f"{name}: expected at most {at_most}{what}, got {value}")
-    return value
 
 
 def module_input(name: str, x: torch.Tensor, param: torch.Tensor, owner: str) -> None:

@@ -2,21 +2,16 @@
 
 A thin wrapper over ``sgr_ext.trainer.train``: the same model, data, schedule and seed
 for the three methods, one table, ``results.json`` and a plot of the learning curves.
+Torch and the trainer are imported in ``run``, after the arguments are checked (see
+``sgr_ext.trainer.cli``).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
-
-from sgr_ext import _checks
-from sgr_ext.data import load_digits
-from sgr_ext.models import DigitsCNN
-from sgr_ext.split import model_units
+from sgr_ext._options import DISTANCES, positive_int
 from sgr_ext.trainer.config import TrainConfig
-from sgr_ext.trainer.loop import train
-from sgr_ext.trainer.runtime import resolve_device
 
 METHODS = ("bp", "local", "sgr")
 
@@ -33,7 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--lam", type=float, default=None,
                    help="strength; default: the accuracy study's setting (sgr_ext.defaults: handback, grad_ratio, 1.0); "
                         "a value alone gives DESIGN.md's penalty weight")
-    p.add_argument("--distance", default="l2", choices=("l2", "l2_rel", "cosine"), help="SGR distance (default %(default)s)")
+    p.add_argument("--distance", default="l2", choices=DISTANCES, help="SGR distance (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (default %(default)s)")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model, data order and augmentation (default %(default)s)")
@@ -101,10 +96,18 @@ def format_table(results: dict) -> str:
 
 
 def run(args) -> int:
-    # every bad argument fails before any training starts
-    units = len(model_units(DigitsCNN())[0])
-    _checks.positive_int("--modules", args.modules, at_most=units, what=f" (DigitsCNN has {units} splittable stages)")
+    # every bad argument fails before any training starts; those of plain values before torch's import
     configs = {m: method_config(m, args).validate() for m in METHODS}
+    import torch
+
+    from sgr_ext.data import load_digits
+    from sgr_ext.models import DigitsCNN
+    from sgr_ext.split import model_units
+    from sgr_ext.trainer.loop import train
+    from sgr_ext.trainer.runtime import resolve_device
+
+    units = len(model_units(DigitsCNN())[0])
+    positive_int("--modules", args.modules, at_most=units, what=f" (DigitsCNN has {units} splittable stages)")
     device = resolve_device(args.device)
     data = load_digits()
     results = {m: summarise(train(cfg, data)) for m, cfg in configs.items()}

@@ -10,17 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgr_ext import _checks, autograd_bridge, defaults
+from sgr_ext._options import GRADS, LAM_MODES, NONFINITE_POLICIES, SIDES
 from sgr_ext.blocks import LocalBlock
 from sgr_ext.engine import ENGINES, StepConfig, forward_grad, local, output_side
 from sgr_ext.engine.base import accuracy
 from sgr_ext.engine import verify as engine_verify
 from sgr_ext.engine.pipeline import BlockPipeline, overlap_enabled
-from sgr_ext.nonfinite import NONFINITE_POLICIES, NonFiniteError  # noqa: F401  (public here too)
+from sgr_ext.nonfinite import NonFiniteError  # noqa: F401  (public here too)
 from sgr_ext.nonfinite import StepGuard as _StepGuard
 
 
-LAM_MODES = ("fixed", "grad_ratio")
-SIDES = ("input", "output", "handback")
 EAGER_STEP = ("sgr_ext: a local-learning step always runs eagerly (its per-block autograd calls and host sync "
               "cannot be captured in one graph); compile the model code around it, or the blocks' modules")
 
@@ -196,7 +195,7 @@ class LocalNet(nn.Module):
             lam_mode=_checks.choice("lam_mode", lam_mode, LAM_MODES),
             track_share=track_share,
         )
-        self.grad = _checks.choice("grad", grad, ("backward", "forward"))
+        self.grad = _checks.choice("grad", grad, GRADS)
         self.side = _checks.choice("side", side, SIDES)
         if self.side != "input" and (self.grad == "forward" or overlap is True):
             raise ValueError(f"side={self.side!r} needs grad='backward' and overlap False or 'auto': block k-1's penalty "

@@ -19,8 +19,6 @@ from torch import nn
 if TYPE_CHECKING:  # net.py imports this module
     from sgr_ext.net import StepStats
 
-NONFINITE_POLICIES = ("raise", "skip", "warn")
-
 
 class NonFiniteError(FloatingPointError):
     """The input, or a loss, penalty or gradient of block ``block`` (0-based) was NaN/Inf.

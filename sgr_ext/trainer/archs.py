@@ -1,10 +1,15 @@
-"""Architectures ``sgr-ext train --arch`` can build, each splittable by ``sgr_ext.split``."""
+"""Architectures ``sgr-ext train --arch`` can build, each splittable by ``sgr_ext.split``.
+
+Torch-free until a model is built (the builders import it): ``sgr-ext train`` takes its
+``--arch`` choices from ``ARCHS`` before importing torch.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)

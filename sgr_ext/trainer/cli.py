@@ -2,6 +2,10 @@
 
 Adding an option: one ``p.add_argument(...)`` below whose ``dest`` matches a new field of
 ``TrainConfig`` (``sgr_ext.trainer.config``); ``TrainConfig.from_namespace`` copies it over.
+
+Parsing and ``TrainConfig.validate`` run before torch is imported (this module imports only
+torch-free ones; ``run`` imports the training loop), so ``--help`` and every bad argument
+answer at once instead of after torch's import (seconds).
 """
 from __future__ import annotations
 
@@ -10,11 +14,10 @@ import math
 import sys
 import types
 
-from sgr_ext.net import NONFINITE_POLICIES
+from sgr_ext._options import DISTANCES, GRADS, LAM_MODES, NONFINITE_POLICIES, SIDES
 from sgr_ext.trainer import archs
-from sgr_ext.trainer.config import (AUGMENTS, DEFAULT_LAM, GRADS, METHODS, OPTIMIZERS, PARALLEL, SCHEDULES, TrainConfig,
-                                    TrainingDiverged)
-from sgr_ext.trainer.streaming import LOADERS
+from sgr_ext.trainer.config import (AUGMENTS, DEFAULT_LAM, LOADERS, METHODS, OPTIMIZERS, PARALLEL, SCHEDULES,
+                                    TrainConfig, TrainingDiverged)
 
 EXAMPLES = """examples:
   sgr-ext train --arch resnet32 --modules 8 --method sgr --lam 0.1 --data .data/cifar10_subset.npz --out runs/r32-k8-sgr
@@ -94,12 +97,12 @@ def register(subparsers) -> None:
                    "sgr: SGR, exact engine; sgr-fast: SGR, fast engine (default %(default)s)")
     g.add_argument("--lam", type=_float(0.0), default=None, help=f"strength lambda >= 0 (default {DEFAULT_LAM} with --lam-mode grad_ratio --side handback, the "
                    "accuracy study's choice; a --lam alone gives DESIGN.md's penalty weight)")
-    g.add_argument("--distance", default=d.distance, choices=("l2", "l2_rel", "cosine"),
+    g.add_argument("--distance", default=d.distance, choices=DISTANCES,
                    help="SGR distance (default %(default)s; unused by --side handback)")
-    g.add_argument("--lam-mode", default=None, choices=("fixed", "grad_ratio"),
+    g.add_argument("--lam-mode", default=None, choices=LAM_MODES,
                    help="fixed: lambda weighs the penalty; grad_ratio: lambda is the term's gradient norm over the "
                         "loss gradient's, per block (default: grad_ratio without --lam, fixed with it)")
-    g.add_argument("--side", default=None, choices=("input", "output", "handback"),
+    g.add_argument("--side", default=None, choices=SIDES,
                    help="which block the boundary-k term trains: input (block k, DESIGN.md), output (block k-1) or "
                         "handback (block k-1 also descends block k's loss); default: handback without --lam "
                         "(the study's choice, sgr_ext.defaults), input with it")
@@ -185,7 +188,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    cfg = TrainConfig.from_namespace(args)
+    cfg = TrainConfig.from_namespace(args).validate()  # bad arguments fail here, before the imports below bring torch
     from sgr_ext.distributed import PeerError
     from sgr_ext.trainer.loop import train
 

@@ -1,5 +1,10 @@
 """``TrainConfig``: everything that defines a training run (the flags of ``sgr-ext train``),
-its validation, and the choices each flag takes."""
+its validation, and the choices each flag takes.
+
+Torch-free, like everything it imports: ``sgr-ext train`` builds its parser from these choices
+and runs ``TrainConfig.validate`` before it imports torch, so a bad argument or combination is
+reported at once (``tests/test_cli_fast_errors.py`` keeps it so).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,17 +13,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from sgr_ext import _checks, defaults
-from sgr_ext.net import NONFINITE_POLICIES
+from sgr_ext import _options, defaults
+from sgr_ext._options import GRADS, LAM_MODES, NONFINITE_POLICIES, SIDES
 from sgr_ext.trainer import archs
-from sgr_ext.trainer.streaming import LOADERS
-
 
 METHODS = ("bp", "local", "sgr", "sgr-fast")
 SCHEDULES = ("onecycle", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 AUGMENTS = ("auto", "crop-flip", "flip", "none")
-GRADS = ("backward", "forward")
+LOADERS = ("auto", "memory", "stream")  # image directories (sgr_ext.trainer.streaming)
 PARALLEL = ("auto", "none", "data", "module")
 DEFAULT_LAM = defaults.LAM  # with --lam-mode/--side left open: the study's setting (sgr_ext.defaults)
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -90,55 +93,48 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "TrainConfig":
-        _checks.choice("--arch", self.arch, tuple(archs.ARCHS))
-        _checks.choice("--method", self.method, METHODS)
-        _checks.choice("--schedule", self.schedule, SCHEDULES)
-        _checks.choice("--optimizer", self.optimizer, OPTIMIZERS)
-        _checks.choice("--augment", self.augment, AUGMENTS)
-        _checks.choice("--loader", self.loader, LOADERS)
+        _options.choice("--arch", self.arch, tuple(archs.ARCHS))
+        _options.choice("--method", self.method, METHODS)
+        _options.choice("--schedule", self.schedule, SCHEDULES)
+        _options.choice("--optimizer", self.optimizer, OPTIMIZERS)
+        _options.choice("--augment", self.augment, AUGMENTS)
+        _options.choice("--loader", self.loader, LOADERS)
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
                                          or self.workers < 0):
             raise ValueError(f"--workers: expected an int >= 0, got {self.workers!r}")
-        _checks.distance(self.distance)
+        _options.distance(self.distance)
         if self.lam_mode is not None:
-            _checks.choice("--lam-mode", self.lam_mode, ("fixed", "grad_ratio"))
+            _options.choice("--lam-mode", self.lam_mode, LAM_MODES)
         if self.side is not None:
-            _checks.choice("--side", self.side, ("input", "output", "handback"))
+            _options.choice("--side", self.side, SIDES)
         if self.parallel in ("data", "module") and self.method.startswith("sgr") and self.reconciliation[2] != "input":
             raise ValueError(f"--side {self.reconciliation[2]}: not supported with --parallel {self.parallel} yet; "
                              "pass --side input (and a --lam)")
-        _checks.positive_int("--modules", self.modules)
-        _checks.positive_int("--epochs", self.epochs)
-        _checks.positive_int("--batch-size", self.batch_size)
-        _checks.positive_int("--diag-every", self.diag_every)
-        _checks.positive_int("--log-every", self.log_every)
-        _checks.positive_int("--eval-batch-size", self.eval_batch_size)
+        _options.positive_int("--modules", self.modules)
+        _options.positive_int("--epochs", self.epochs)
+        _options.positive_int("--batch-size", self.batch_size)
+        _options.positive_int("--diag-every", self.diag_every)
+        _options.positive_int("--log-every", self.log_every)
+        _options.positive_int("--eval-batch-size", self.eval_batch_size)
         for name in ("image_size", "train_subset", "test_subset", "stop_after"):
             v = getattr(self, name)
             if v is not None:
-                _checks.positive_int("--" + name.replace("_", "-"), v)
+                _options.positive_int("--" + name.replace("_", "-"), v)
         if self.lam is not None:
-            _checks.nonneg_finite("--lam", self.lam)
+            _options.nonneg_finite("--lam", self.lam)
             if self.method in ("bp", "local") and self.lam != 0:
                 raise ValueError(f"--lam: only applies to --method sgr/sgr-fast, got --lam {self.lam} with --method {self.method}")
         for name in ("lr", "momentum", "weight_decay", "lam_warmup"):
-            _checks.nonneg_finite("--" + name.replace("_", "-"), getattr(self, name))
+            _options.nonneg_finite("--" + name.replace("_", "-"), getattr(self, name))
         if self.lr <= 0:
             raise ValueError(f"--lr: expected a number > 0, got {self.lr}")
-        if self.method == "sgr-fast":
-            from sgr_ext.engine import ENGINES
-
-            if "fast" not in ENGINES:
-                raise ValueError(
-                    f"--method sgr-fast: this install has no fast engine (LocalNet modes: {tuple(ENGINES)})"
-                )
         if self.out is not None and (not isinstance(self.out, (str, os.PathLike)) or not str(self.out).strip()):
             raise ValueError(f"--out: expected a directory path, got {self.out!r}")
         if self.resume is not None and self.out is None and self.resume == "auto":
             raise ValueError("--resume: needs --out (the run directory) or a checkpoint path")
         # BP-free training
-        _checks.choice("--grad", self.grad, GRADS)
-        _checks.positive_int("--num-tangents", self.num_tangents)
+        _options.choice("--grad", self.grad, GRADS)
+        _options.positive_int("--num-tangents", self.num_tangents)
         if self.grad == "forward" and self.method == "bp":
             raise ValueError("--grad forward: needs a local method (--method local or sgr); --method bp is global backprop")
         if self.grad == "forward" and self.method == "sgr-fast":
@@ -147,13 +143,13 @@ class TrainConfig:
         if self.grad == "backward" and self.num_tangents != 1:
             raise ValueError(f"--num-tangents: only applies to --grad forward, got --num-tangents {self.num_tangents} "
                              "with --grad backward")
-        _checks.choice("--nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        _options.choice("--nonfinite", self.nonfinite, NONFINITE_POLICIES)
         if self.method == "bp" and self.nonfinite != "raise":
             raise ValueError(f"--nonfinite {self.nonfinite}: applies to the local methods (local, sgr, sgr-fast); "
                              "--method bp stops on a non-finite loss")
         # distributed
-        _checks.choice("--parallel", self.parallel, PARALLEL)
-        _checks.positive_int("--micro-batches", self.micro_batches)
+        _options.choice("--parallel", self.parallel, PARALLEL)
+        _options.positive_int("--micro-batches", self.micro_batches)
         if not (isinstance(self.dist_timeout, (int, float)) and not isinstance(self.dist_timeout, bool)
                 and math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
             raise ValueError(f"--dist-timeout: expected a finite number of seconds > 0, got {self.dist_timeout!r}")
@@ -166,6 +162,13 @@ class TrainConfig:
         if self.parallel == "module" and self.method == "bp":
             raise ValueError("--parallel module: needs a local method (--method local/sgr); global BP cannot be "
                              "split into independent stages (use --parallel data)")
+        if self.method == "sgr-fast":  # last: the only check that imports torch (the engines)
+            from sgr_ext.engine import ENGINES
+
+            if "fast" not in ENGINES:
+                raise ValueError(
+                    f"--method sgr-fast: this install has no fast engine (LocalNet modes: {tuple(ENGINES)})"
+                )
         return self
 
     @property

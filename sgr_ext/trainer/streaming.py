@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from sgr_ext.data import TensorDataset
+from sgr_ext.trainer.config import LOADERS
 from sgr_ext.trainer.data import cifar10_splits, from_arrays, is_cifar_dir, load_cifar10_dir
 
 IN_MEMORY_LIMIT = 2 << 30  # bytes of decoded float32 train + test images
-LOADERS = ("auto", "memory", "stream")
 STATS_SAMPLES = 512  # training images that set the per-channel mean and std
 LAYOUTS = ("an ImageFolder tree DIR/train/<class>/<image> with DIR/test/<class>/<image> (or DIR/val/...), "
            "or CIFAR-10's python batches DIR/cifar-10-batches-py/ with data_batch_1 ... data_batch_5 and "
