@@ -70,7 +70,7 @@ def require_cpp(op: str, device: torch.device) -> None:
     """Raise BackendUnavailable unless ``op(impl='cpp')`` can run on ``device``."""
     if device.type != "cpu":
         raise BackendUnavailable(f"{op}(impl='cpp'): the C++ kernels run on CPU tensors only, got device {device}")
-    if cpp_ops() is None:
+    if not cpp_built_constant():
         raise BackendUnavailable(
             f"{op}(impl='cpp'): the C++ library is not available (SGR_EXT_NO_CPP=1, or the build "
             "failed: see the warning and sgr_ext.info()); use impl=None or 'torch'"
