@@ -57,6 +57,19 @@ def resolve_impl(impl: str | None, device: torch.device, dtype: torch.dtype) -> 
     return impl
 
 
+def _checked(a: torch.Tensor, d: torch.Tensor, distance: str, eps: float, impl: str | None) -> tuple[str, float, str]:
+    """``reconcile``'s argument checks; (distance, eps, the resolved path)."""
+    _checks.tensor("a", a, floating=True, min_dim=1)
+    _checks.tensor("d", d, floating=True, min_dim=1)
+    _checks.batch("a", a)
+    _checks.same_shape("a", a, "d", d)
+    distance = _checks.distance(distance)
+    eps = _checks.nonneg_finite("eps", eps)
+    if impl is not None:
+        _checks.choice("impl", impl, IMPLS)
+    return distance, eps, resolve_impl(impl, a.device, a.dtype)
+
+
 def reconcile(
     a: torch.Tensor,
     d: torch.Tensor,
@@ -87,15 +100,7 @@ def reconcile(
         float32 (float64 for float64 inputs); cosine always in float64, so that |a|^2 stays
         in range at any scale of a (the cosine itself is scale-free).
     """
-    _checks.tensor("a", a, floating=True, min_dim=1)
-    _checks.tensor("d", d, floating=True, min_dim=1)
-    _checks.batch("a", a)
-    _checks.same_shape("a", a, "d", d)
-    distance = _checks.distance(distance)
-    eps = _checks.nonneg_finite("eps", eps)
-    if impl is not None:
-        _checks.choice("impl", impl, IMPLS)
-    path = resolve_impl(impl, a.device, a.dtype)
+    distance, eps, path = _checked(a, d, distance, eps, impl)
     if path == "torch":
         return reconcile_torch(a, d, distance, eps)
     if distance == "l2_rel":
@@ -132,15 +137,7 @@ def reconcile_and_grad(
 
     Same arguments, checks, dtypes and paths as ``reconcile``; the gradient has a's shape and
     dtype. The torch path (and torch.compile) goes through autograd."""
-    _checks.tensor("a", a, floating=True, min_dim=1)
-    _checks.tensor("d", d, floating=True, min_dim=1)
-    _checks.batch("a", a)
-    _checks.same_shape("a", a, "d", d)
-    distance = _checks.distance(distance)
-    eps = _checks.nonneg_finite("eps", eps)
-    if impl is not None:
-        _checks.choice("impl", impl, IMPLS)
-    path = resolve_impl(impl, a.device, a.dtype)
+    distance, eps, path = _checked(a, d, distance, eps, impl)
     if path == "torch" or torch.compiler.is_compiling():
         with torch.enable_grad():
             a_ = a.detach().requires_grad_(True)
